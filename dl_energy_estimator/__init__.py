@@ -1,0 +1,17 @@
+"""dl_energy_estimator: energy (joules per input sample) of PyTorch modules, analytical or calibrated.
+
+    from dl_energy_estimator import EnergyEstimator, measure
+    est = EnergyEstimator.default()
+    est.model_energy(model, (1, 3, 32, 32))
+
+Imports nothing from the surrounding project (torch, numpy, scipy, tqdm; nvidia-ml-py lazily).
+"""
+from .defaults import FAMILIES
+from .estimator import EnergyEstimator
+from .features import LayerFeatures
+from .measure import EnergyCounterUnavailable, Measurements, measure
+from .schema import EnergyModelError
+
+__all__ = ["EnergyEstimator", "EnergyModelError", "EnergyCounterUnavailable", "FAMILIES", "LayerFeatures",
+           "Measurements", "measure"]
+__version__ = "1.0.0"

@@ -1,0 +1,273 @@
+"""The supernet of the search: MixedOp, Cell, Network (alphas, expected energy, genotype, new_model).
+
+Energy (see README, "Energy term"): per edge, p = softmax of the alphas over the derivable (non-`none`) ops;
+E(alpha) = sum over the cells' edges of sum_o p_o * E_o, each E_o the op's own cached energy (J per sample at the
+deployment batch). E_min / E_max take each edge's cheapest / dearest derivable op, so the normalized energy
+(E - E_min) / (E_max - E_min) lies in [0, 1]. Partial channels (PC-DARTS, K > 1) still price every op at the full
+width it will have in the derived network.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from genotypes import Genotype
+from operations import OPS, POOLS, EnergyOp, FactorizedReduce, ReLUConvBN, attach_estimator
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class MixedOp(nn.Module):
+    """One edge: the weighted sum of every candidate op; returns (output, expected energy in J per sample)."""
+
+    def __init__(self, C: int, stride: int, primitives: Sequence[str], partial_channels: int = 1,
+                 skip_none: bool = True) -> None:
+        super().__init__()
+        self.k = partial_channels
+        self.stride = stride
+        self.primitives = list(primitives)
+        self.derivable = [i for i, p in enumerate(self.primitives) if p != "none"]
+        # The `none` op adds w * 0: skipping it gives the same output and gradients without a full-size zero tensor.
+        self.active = [i for i in range(len(self.primitives)) if not (skip_none and self.primitives[i] == "none")]
+        width = C // self.k
+        self._ops = nn.ModuleList()
+        self._post = nn.ModuleDict()  # BN(affine=False) after pools, as in DARTS's supernet; not priced
+        for i, name in enumerate(self.primitives):
+            op = OPS[name](width, stride, False)
+            if self.k > 1:  # price the op at the full width it will have in the derived network
+                object.__setattr__(op, "price_as", OPS[name](C, stride, False))
+            self._ops.append(op)
+            if name in POOLS:
+                self._post[str(i)] = nn.BatchNorm2d(width, affine=False)
+        if self.k > 1 and stride == 2:
+            self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self._energy_vec: Optional[torch.Tensor] = None
+
+    def op_energies(self) -> torch.Tensor:
+        """Cached energies (J per sample) of the derivable ops, as a float64 tensor (rebuilt when they change)."""
+        vec = self._energy_vec
+        values = [self._ops[i].energy for i in self.derivable]
+        if vec is None or vec.tolist() != values:
+            vec = self._energy_vec = torch.tensor(values, dtype=torch.float64)
+        return vec
+
+    def expected_energy(self, energy_weights: torch.Tensor) -> torch.Tensor:
+        e = self.op_energies().to(device=energy_weights.device, dtype=energy_weights.dtype)
+        return (energy_weights * e).sum()
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor,
+                energy_weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.k > 1:
+            width = x.shape[1] // self.k
+            xa, xb = x[:, :width], x[:, width:]
+        else:
+            xa = x
+        out = None
+        for i in self.active:
+            y = self._ops[i](xa)
+            post = self._post[str(i)] if str(i) in self._post else None
+            if post is not None:
+                y = post(y)
+            y = weights[i] * y
+            out = y if out is None else out + y
+        if self.k > 1:
+            if self.stride == 2:
+                xb = self.bypass_pool(xb)
+            out = channel_shuffle(torch.cat([out, xb], dim=1), self.k)
+        return out, self.expected_energy(energy_weights)
+
+    def energy_range(self) -> Tuple[float, float]:
+        e = [self._ops[i].energy for i in self.derivable]
+        return min(e), max(e)
+
+
+class Cell(nn.Module):
+    def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int, reduction: bool,
+                 reduction_prev: bool, primitives: Sequence[str], partial_channels: int = 1,
+                 skip_none: bool = True) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.preprocess0 = (FactorizedReduce(C_prev_prev, C, affine=False) if reduction_prev
+                            else ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False))
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self.steps, self.multiplier = steps, multiplier
+        self._ops = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self._ops.append(MixedOp(C, stride, primitives, partial_channels, skip_none))
+
+    def forward(self, s0, s1, weights, energy_weights, edge_weights=None):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        energy = None
+        offset = 0
+        for i in range(self.steps):
+            total = None
+            for j, h in enumerate(states):
+                out, e = self._ops[offset + j](h, weights[offset + j], energy_weights[offset + j])
+                if edge_weights is not None:
+                    out = edge_weights[offset + j] * out
+                total = out if total is None else total + out
+                energy = e if energy is None else energy + e
+            offset += len(states)
+            states.append(total)
+        return torch.cat(states[-self.multiplier:], dim=1), energy
+
+
+class Network(nn.Module):
+    """The DARTS supernet for any data set: stem from `in_channels`, head to `num_classes`."""
+
+    def __init__(self, C: int, num_classes: int, layers: int, primitives: Sequence[str], in_channels: int = 3,
+                 estimator=None, steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
+                 partial_channels: int = 1, skip_none: bool = True) -> None:
+        super().__init__()
+        if "none" in primitives and len(primitives) < 2:
+            raise ValueError("the primitive set needs an op besides 'none'")
+        self._config = dict(C=C, num_classes=num_classes, layers=layers, primitives=list(primitives),
+                            in_channels=in_channels, steps=steps, multiplier=multiplier,
+                            stem_multiplier=stem_multiplier, partial_channels=partial_channels,
+                            skip_none=skip_none)
+        self.primitives = list(primitives)
+        self.steps, self.multiplier = steps, multiplier
+        self.partial_channels = partial_channels
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, primitives,
+                        partial_channels, skip_none)
+            reduction_prev = reduction
+            self.cells.append(cell)
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+        k = sum(2 + i for i in range(steps))
+        n = len(self.primitives)
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, n))
+        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, n))
+        if partial_channels > 1:  # PC-DARTS edge normalization
+            self.betas_normal = nn.Parameter(1e-3 * torch.randn(k))
+            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(k))
+        self._derivable = [i for i, p in enumerate(self.primitives) if p != "none"]
+        self.estimator = None
+        if estimator is not None:
+            self.set_estimator(estimator)
+
+    # ----------------------------------------------------------------------------------------- parameters
+    def arch_parameters(self) -> List[nn.Parameter]:
+        names = ["alphas_normal", "alphas_reduce"] + (["betas_normal", "betas_reduce"] if self.partial_channels > 1
+                                                      else [])
+        return [getattr(self, n) for n in names]
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def set_estimator(self, estimator) -> None:
+        """Hand the energy estimator to every op (energies are re-estimated on the next forward)."""
+        self.estimator = estimator
+        attach_estimator(self, estimator)
+
+    def new_model(self) -> "Network":
+        """A fresh network with new weights and the same alphas (DARTS's `new()`)."""
+        model = Network(**self._config).to(self.alphas_normal.device)
+        with torch.no_grad():
+            for mine, theirs in zip(model.arch_parameters(), self.arch_parameters()):
+                mine.copy_(theirs)
+        if self.estimator is not None:
+            model.set_estimator(self.estimator)
+        return model
+
+    # -------------------------------------------------------------------------------------------- weights
+    def _edge_weights(self, betas: torch.Tensor) -> torch.Tensor:
+        """PC-DARTS: softmax of the betas over each node's incoming edges."""
+        parts, start = [], 0
+        for i in range(self.steps):
+            parts.append(F.softmax(betas[start:start + 2 + i], dim=-1))
+            start += 2 + i
+        return torch.cat(parts)
+
+    def arch_weights(self, reduction: bool):
+        alphas = self.alphas_reduce if reduction else self.alphas_normal
+        weights = F.softmax(alphas, dim=-1)
+        energy_weights = F.softmax(alphas[:, self._derivable], dim=-1)
+        edge = None
+        if self.partial_channels > 1:
+            edge = self._edge_weights(self.betas_reduce if reduction else self.betas_normal)
+        return weights, energy_weights, edge
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the expected energy E(alpha) of the cells (J per sample, differentiable in the alphas)."""
+        per_kind = {False: self.arch_weights(False), True: self.arch_weights(True)}
+        s0 = s1 = self.stem(x)
+        energy = None
+        for cell in self.cells:
+            w, ew, edge = per_kind[cell.reduction]
+            s0, (s1, e) = s1, cell(s0, s1, w, ew, edge)
+            energy = e if energy is None else energy + e
+        logits = self.classifier(self.global_pooling(s1).flatten(1))
+        return logits, energy
+
+    def mixed_ops(self):
+        for cell in self.cells:
+            yield from cell._ops
+
+    def energy_bounds(self) -> Tuple[float, float]:
+        """(E_min, E_max): every edge at its cheapest / most expensive derivable op (J per sample)."""
+        lo = hi = 0.0
+        for op in self.mixed_ops():
+            a, b = op.energy_range()
+            lo, hi = lo + a, hi + b
+        return lo, hi
+
+    def energy_known(self) -> bool:
+        return all(op._ops[i].energy_flag for op in self.mixed_ops() for i in op.derivable)
+
+    # ----------------------------------------------------------------------------------------- derivation
+    def softmaxed_alphas(self) -> dict:
+        """Softmaxed alphas (and edge weights with partial channels), as nested lists for alphas.json."""
+        with torch.no_grad():
+            out = {"normal": F.softmax(self.alphas_normal, -1).tolist(),
+                   "reduce": F.softmax(self.alphas_reduce, -1).tolist()}
+            if self.partial_channels > 1:
+                out["edges_normal"] = self._edge_weights(self.betas_normal).tolist()
+                out["edges_reduce"] = self._edge_weights(self.betas_reduce).tolist()
+        return out
+
+    def genotype(self) -> Genotype:
+        """DARTS's rule: per node the 2 strongest incoming edges, on each the strongest non-`none` op."""
+        with torch.no_grad():
+            wn = F.softmax(self.alphas_normal, -1)
+            wr = F.softmax(self.alphas_reduce, -1)
+            if self.partial_channels > 1:
+                wn = wn * self._edge_weights(self.betas_normal)[:, None]
+                wr = wr * self._edge_weights(self.betas_reduce)[:, None]
+        concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
+        return Genotype(derive(wn.tolist(), self.primitives, self.steps), concat,
+                        derive(wr.tolist(), self.primitives, self.steps), concat)
+
+
+def derive(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps: int) -> List[Tuple[str, int]]:
+    """DARTS derivation on one cell's (edges x ops) weights: `none` is never chosen nor counts for strength."""
+    usable = [k for k, p in enumerate(primitives) if p != "none"]
+    gene, start = [], 0
+    for i in range(steps):
+        W = weights[start:start + 2 + i]
+        edges = sorted(range(i + 2), key=lambda j: -max(W[j][k] for k in usable))[:2]
+        for j in edges:  # strongest first, as DARTS writes them
+            best = max(usable, key=lambda k: W[j][k])
+            gene.append((primitives[best], j))
+        start += 2 + i
+    return gene

@@ -1,0 +1,204 @@
+"""Candidate operations of the DARTS search space, one registry `OPS`: name -> factory(C, stride, affine).
+
+Every op is an `EnergyOp`: it carries `energy` (J per sample, 0.0 until known) and `energy_flag` (0, then 1).
+On its first forward it asks the energy estimator that the network handed it (`op.estimator`) for its energy at
+the deployment shape `(estimator.batch_size, C, H, W)` and caches the answer; it asks again only when the
+per-sample input shape changes. Ops never import the estimator: the network sets it (see `attach_estimator`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class EnergyOp(nn.Module):
+    """Base class of candidate ops: lazily estimated, cached energy per sample (joules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy: float = 0.0
+        self.energy_flag: int = 0
+        self.estimator = None  # set by the network; a plain attribute, not a submodule
+        # Module priced instead of this one (partial channels price the full-width twin); None = self.
+        self.price_as: Optional[nn.Module] = None
+        self._energy_shape: Optional[Tuple[int, ...]] = None
+        self._estimating = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.track_energy(x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def track_energy(self, x: torch.Tensor) -> None:
+        """Estimate (once per per-sample shape) this op's energy at the deployment batch size."""
+        if self.estimator is None or self._estimating:
+            return
+        shape = tuple(x.shape[1:])
+        if self.energy_flag and shape == self._energy_shape:
+            return
+        if self.price_as is not None:
+            shape = (self.price_as.in_channels,) + shape[1:]
+        self._estimating = True  # the estimator runs this module's forward: do not recurse
+        try:
+            target = self.price_as if self.price_as is not None else self
+            self.energy = float(self.estimator.op_energy(target, (self.estimator.batch_size,) + shape))
+        finally:
+            self._estimating = False
+        self._energy_shape = tuple(x.shape[1:])
+        self.energy_flag = 1
+
+
+def attach_estimator(module: nn.Module, estimator) -> None:
+    """Hand `estimator` to every EnergyOp below `module` and forget cached energies."""
+    for m in module.modules():
+        if isinstance(m, EnergyOp):
+            m.estimator = estimator
+            m.energy, m.energy_flag, m._energy_shape = 0.0, 0, None
+
+
+class Sequential(EnergyOp):
+    """An op made of a plain sequence of layers."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ReLUConvBN(Sequential):
+    def __init__(self, C_in: int, C_out: int, kernel_size, stride, padding, affine: bool = True) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+        self.in_channels = C_in
+
+
+class DilConv(Sequential):
+    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, dilation: int,
+                 affine: bool = True) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+        self.in_channels = C_in
+
+
+class SepConv(Sequential):
+    """Two stacked (ReLU, depthwise kxk, pointwise 1x1, BN); the stride is on the first."""
+
+    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, 1, bias=False),
+            nn.BatchNorm2d(C_in, affine=affine),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, 1, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+        self.in_channels = C_in
+
+
+class Conv7x1x1x7(Sequential):
+    def __init__(self, C: int, stride: int, affine: bool = True) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+            nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+            nn.BatchNorm2d(C, affine=affine),
+        )
+        self.in_channels = C
+
+
+class Pool(Sequential):
+    """3x3 max or average pooling (average excludes the padding, as in DARTS)."""
+
+    def __init__(self, kind: str, C: int, stride: int) -> None:
+        layer = (nn.MaxPool2d(3, stride=stride, padding=1) if kind == "max"
+                 else nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False))
+        super().__init__(layer)
+        self.in_channels = C
+
+
+class Identity(EnergyOp):
+    def __init__(self, C: int = 0) -> None:
+        super().__init__()
+        self.in_channels = C
+        self.layer = nn.Identity()
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class Zero(EnergyOp):
+    """The `none` op: outputs zeros of the strided shape. Never derived; the supernet skips it (a fast path)."""
+
+    def __init__(self, C: int, stride: int) -> None:
+        super().__init__()
+        self.in_channels = C
+        self.stride = stride
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(EnergyOp):
+    """Halves the resolution with two offset 1x1 stride-2 convs whose outputs are concatenated.
+
+    Odd sizes (MNIST's 7x7 after one reduction) are padded by one row and column so that both paths agree;
+    for even sizes this selects exactly the pixels DARTS's `x[:, :, 1:, 1:]` does.
+    """
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True) -> None:
+        super().__init__()
+        assert C_out % 2 == 0, "FactorizedReduce needs an even number of output channels"
+        self.in_channels = C_in
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        shifted = F.pad(x, (0, 1, 0, 1)) if x.shape[-1] % 2 or x.shape[-2] % 2 else x
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted[:, :, 1:, 1:])], dim=1))
+
+
+OpFactory = Callable[[int, int, bool], EnergyOp]
+
+OPS: Dict[str, OpFactory] = {
+    "none": lambda C, stride, affine: Zero(C, stride),
+    "avg_pool_3x3": lambda C, stride, affine: Pool("avg", C, stride),
+    "max_pool_3x3": lambda C, stride, affine: Pool("max", C, stride),
+    "skip_connect": lambda C, stride, affine: Identity(C) if stride == 1 else FactorizedReduce(C, C, affine),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
+    "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+    "conv_7x1_1x7": lambda C, stride, affine: Conv7x1x1x7(C, stride, affine),
+    "conv_1x1": lambda C, stride, affine: ReLUConvBN(C, C, 1, stride, 0, affine),
+    "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine),
+}
+
+PARAMETER_FREE = frozenset({"none", "avg_pool_3x3", "max_pool_3x3", "skip_connect"})
+POOLS = frozenset({"avg_pool_3x3", "max_pool_3x3"})
+
+
+def is_parametric(name: str) -> bool:
+    """True for ops with learnable weights (convolutions); skip/pool/none are parameter-free."""
+    return name not in PARAMETER_FREE

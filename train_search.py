@@ -1,0 +1,300 @@
+"""Energy-aware DARTS search: `python train_search.py --dataset digits` (see README for CIFAR-10 on a GPU).
+
+Each epoch trains the supernet's weights on one half of the training split and its alphas on the other half,
+then writes to <log_dir>/<run_name>/: metrics.jsonl, alphas.json, genotype.json, checkpoint.pt, log.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import genotypes as G
+import utils
+from architect import Architect
+from datasets import SEARCH_DEFAULTS, TRAIN_DEFAULTS, load_dataset, search_loaders
+from model import build_network, network_report
+from model_search import Network
+from operations import POOLS, is_parametric
+from utils import NonFiniteError, RunControl
+
+SCRIPT = "search"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Energy-aware DARTS search (defaults: DARTS's CIFAR-10 settings; "
+                                            "digits has small defaults of its own).")
+    utils.add_common_args(p)
+    p.add_argument("--primitives", default="darts",
+                   help=f"candidate ops: a set ({', '.join(G.PRIMITIVE_SETS)}) or a comma list of op names")
+    p.add_argument("--task_weight", type=utils.nonneg_float, default=0.9, help="weight of the normalized task loss")
+    p.add_argument("--energy_weight", type=utils.nonneg_float, default=0.05,
+                   help="weight of the normalized expected energy (0 = plain DARTS)")
+    p.add_argument("--batch_size", type=utils.positive_int)
+    p.add_argument("--learning_rate", type=utils.positive_float)
+    p.add_argument("--learning_rate_min", type=utils.nonneg_float)
+    p.add_argument("--momentum", type=utils.unit_float)
+    p.add_argument("--weight_decay", type=utils.nonneg_float)
+    p.add_argument("--epochs", type=utils.positive_int)
+    p.add_argument("--init_channels", type=utils.positive_int)
+    p.add_argument("--layers", type=utils.positive_int)
+    p.add_argument("--train_portion", type=utils.fraction)
+    p.add_argument("--grad_clip", type=utils.positive_float)
+    p.add_argument("--arch_learning_rate", type=utils.positive_float)
+    p.add_argument("--arch_weight_decay", type=utils.nonneg_float)
+    p.add_argument("--unrolled", action="store_true", help="second-order (unrolled) architecture step")
+    p.add_argument("--partial_channels", type=utils.positive_int, default=1,
+                   help="PC-DARTS: each edge computes 1/K of the channels (1 = plain DARTS)")
+    p.add_argument("--eval_channels", type=utils.positive_int, default=None,
+                   help="width of the network whose energy is reported (default: train.py's for the data set)")
+    p.add_argument("--eval_layers", type=utils.positive_int, default=None,
+                   help="depth of the network whose energy is reported (default: train.py's for the data set)")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    return parser, args, utils.explicit_flags(argv)
+
+
+def resolve(args: argparse.Namespace) -> None:
+    """Fill data-set defaults and check what argparse cannot."""
+    utils.apply_defaults(args, SEARCH_DEFAULTS)
+    train_table = {**TRAIN_DEFAULTS["*"], **TRAIN_DEFAULTS.get(args.dataset, {})}
+    if args.eval_channels is None:
+        args.eval_channels = train_table["init_channels"]
+    if args.eval_layers is None:
+        args.eval_layers = train_table["layers"]
+    if args.dataset == "imagenet":
+        raise utils.CLIError("search on --dataset imagenet is not supported (DARTS transfers a CIFAR cell); "
+                             "use imagefolder with small images")
+    args.primitives = G.parse_primitives(args.primitives) if isinstance(args.primitives, str) else args.primitives
+    if args.init_channels % args.partial_channels or (args.init_channels // args.partial_channels) % 2:
+        raise utils.CLIError(f"--partial_channels {args.partial_channels} must divide --init_channels "
+                             f"{args.init_channels} into an even width")
+    if args.task_weight == 0 and args.energy_weight == 0:
+        raise utils.CLIError("--task_weight and --energy_weight are both 0: the alphas would have no objective")
+
+
+def genotype_energy_mj(genotype, args, info, estimator) -> float:
+    """Estimated energy (mJ per image) of the network train.py builds by default from this genotype."""
+    net = build_network(genotype, args.eval_channels, info.num_classes, args.eval_layers, False,
+                        info.in_channels, info.image_size)
+    return 1e3 * estimator.model_energy(net, (estimator.batch_size, info.in_channels, info.image_size,
+                                               info.image_size))
+
+
+def cell_stats(genotype, alphas: Dict[str, Any]) -> Dict[str, float]:
+    """Counts of parametric / skip / pool ops in the derived normal cell, and the mean alpha entropy."""
+    ops = [op for op, _ in genotype.normal]
+    entropy = float(np.mean([-(np.asarray(row) * np.log(np.clip(row, 1e-12, None))).sum()
+                             for kind in ("normal", "reduce") for row in alphas[kind]]))
+    return {"normal_parametric": sum(is_parametric(op) for op in ops),
+            "normal_skip": ops.count("skip_connect"),
+            "normal_pool": sum(op in POOLS for op in ops),
+            "alpha_entropy": entropy}
+
+
+class Search:
+    """All the state of one search run; `run()` does the epochs, checkpointing as it goes."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: str, ckpt: Optional[Dict[str, Any]], explicit: set,
+                 log) -> None:
+        self.args, self.run_dir, self.log = args, run_dir, log
+        self.device = utils.resolve_device(args.device, args.gpu)
+        utils.set_seed(args.seed)
+        self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
+        train_data, self.info = load_dataset(args.dataset, args.data, train=True)
+        self.train_queue, self.valid_queue = search_loaders(train_data, args, self.device)
+        self.model = Network(args.init_channels, self.info.num_classes, args.layers, args.primitives,
+                             self.info.in_channels, self.estimator, partial_channels=args.partial_channels
+                             ).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.weight_parameters(), args.learning_rate,
+                                         momentum=args.momentum, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, args.epochs,
+                                                                    eta_min=args.learning_rate_min)
+        self.architect = Architect(self.model, args.arch_learning_rate, args.arch_weight_decay, args.momentum,
+                                   args.weight_decay, args.task_weight, args.energy_weight, args.unrolled)
+        self.start_epoch, self.best_valid_acc, self.wandb_id, self.pending_rng = 0, 0.0, None, None
+        if ckpt is not None:
+            self.restore(ckpt, explicit)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def space(self) -> Dict[str, Any]:
+        a = self.args
+        return {"primitives": list(a.primitives), "layers": a.layers, "init_channels": a.init_channels,
+                "partial_channels": a.partial_channels, "dataset": a.dataset}
+
+    def state(self, epoch: int) -> Dict[str, Any]:
+        return {"epoch": epoch, "space": self.space(), "args": vars(self.args),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "arch_optimizer": self.architect.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": utils.rng_state(),
+                "best_valid_acc": self.best_valid_acc, "wandb_id": self.wandb_id}
+
+    def restore(self, ckpt: Dict[str, Any], explicit: set) -> None:
+        if ckpt["space"] != self.space():
+            raise utils.CLIError(f"--resume: the checkpoint's search space {ckpt['space']} differs from this "
+                                 f"run's {self.space()}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        utils.override_schedule(self.optimizer, self.scheduler, self.args, explicit)
+        if explicit & {"arch_learning_rate", "arch_weight_decay"}:
+            for group in self.architect.optimizer.param_groups:
+                group["lr"], group["weight_decay"] = self.args.arch_learning_rate, self.args.arch_weight_decay
+        self.pending_rng = ckpt["rng"]  # applied when the epochs start, after every set-up that draws numbers
+        self.start_epoch = ckpt["epoch"] + 1
+        self.best_valid_acc = ckpt["best_valid_acc"]
+        self.wandb_id = ckpt.get("wandb_id")
+
+    # ------------------------------------------------------------------------------------------------ epochs
+    def train_epoch(self, epoch: int, lr: float, control: RunControl) -> Dict[str, float]:
+        from tqdm import tqdm
+        m, a = self.model, self.args
+        m.train()
+        loss_m, acc_m = utils.AvgMeter(), utils.AvgMeter()
+        params = m.weight_parameters()
+        valid_iter = iter(self.valid_queue)
+        bar = tqdm(self.train_queue, desc=f"search {epoch + 1}/{a.epochs}", leave=False, dynamic_ncols=True,
+                   disable=None)
+        for step, (x, y) in enumerate(bar):
+            try:
+                xv, yv = next(valid_iter)
+            except StopIteration:  # a validation half smaller than the training half: start it again
+                valid_iter = iter(self.valid_queue)
+                xv, yv = next(valid_iter)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            xv, yv = xv.to(self.device, non_blocking=True), yv.to(self.device, non_blocking=True)
+            arch_loss = self.architect.step(x, y, xv, yv, lr, self.optimizer)
+            control.check_finite(arch_loss, "architecture loss", epoch, step)
+            logits, _ = m(x)
+            loss = F.cross_entropy(logits, y)
+            control.check_finite(loss.item(), "training loss", epoch, step)
+            grads = torch.autograd.grad(loss, params)  # weights only: the alphas' gradient is not needed here
+            for p, g in zip(params, grads):
+                p.grad = g
+            norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+            control.check_finite(float(norm), "weight gradient", epoch, step)
+            self.optimizer.step()
+            acc, = utils.accuracy(logits.detach(), y)
+            loss_m.update(loss.item(), y.size(0))
+            acc_m.update(acc, y.size(0))
+            bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{acc_m.avg:.1f}")
+            if control.stop_requested:
+                break
+        return {"train_loss": loss_m.avg, "train_acc": acc_m.avg}
+
+    @torch.no_grad()
+    def infer(self) -> Dict[str, float]:
+        m = self.model
+        m.eval()
+        loss_m, acc_m = utils.AvgMeter(), utils.AvgMeter()
+        energy = None
+        for x, y in self.valid_queue:
+            x, y = x.to(self.device), y.to(self.device)
+            logits, energy = m(x)
+            loss_m.update(F.cross_entropy(logits, y).item(), y.size(0))
+            acc_m.update(utils.accuracy(logits, y)[0], y.size(0))
+        return {"valid_loss": loss_m.avg, "valid_acc": acc_m.avg, "expected_energy_mj": 1e3 * float(energy),
+                "energy_normalized": float(self.architect.normalized_energy(energy))}
+
+    def run(self, tracker: utils.Tracker, control: RunControl) -> Dict[str, Any]:
+        a, log = self.args, self.log
+        genotype = self.model.genotype()
+        if self.pending_rng is not None:
+            utils.set_rng_state(self.pending_rng)
+        for epoch in range(self.start_epoch, a.epochs):
+            t0 = time.time()
+            lr = self.optimizer.param_groups[0]["lr"]  # read before scheduler.step(): no off-by-one epoch
+            row: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+            row.update(self.train_epoch(epoch, lr, control))
+            if control.stop_requested:
+                log.info(f"stopped by {control.signal_name} during epoch {epoch + 1}; the checkpoint of epoch "
+                         f"{epoch} is intact: resume with --resume {self.run_dir}")
+                return {"stopped": True}
+            row.update(self.infer())
+            self.scheduler.step()
+            genotype = self.model.genotype()
+            alphas = self.model.softmaxed_alphas()
+            row["genotype_energy_mj"] = genotype_energy_mj(genotype, a, self.info, self.estimator)
+            row.update(cell_stats(genotype, alphas))
+            row["epoch_s"] = time.time() - t0
+            self.best_valid_acc = max(self.best_valid_acc, row["valid_acc"])
+            self.write_epoch(row, genotype, alphas, tracker)
+            utils.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), SCRIPT, self.state(epoch))
+            log.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.4g} train_acc {row['train_acc']:.2f} valid_acc "
+                     f"{row['valid_acc']:.2f} expected_energy {row['expected_energy_mj']:.4f} mJ genotype_energy "
+                     f"{row['genotype_energy_mj']:.4f} mJ | normal: {row['normal_parametric']} parametric, "
+                     f"{row['normal_skip']} skip, {row['normal_pool']} pool, alpha entropy "
+                     f"{row['alpha_entropy']:.3f}")
+            log.info(f"genotype = {genotype}")
+        return {"stopped": False, "genotype": genotype}
+
+    def write_epoch(self, row: Dict[str, Any], genotype, alphas, tracker: utils.Tracker) -> None:
+        d = self.run_dir
+        utils.append_jsonl(os.path.join(d, "metrics.jsonl"), row)
+        history_path = os.path.join(d, "alphas.json")
+        history = utils.read_json(history_path, default=[])
+        history.append({"epoch": row["epoch"], "primitives": list(self.args.primitives), **alphas})
+        utils.atomic_write_json(history_path, history)
+        meta = {"dataset": self.args.dataset, "energy_mj": row["genotype_energy_mj"],
+                "energy_batch_size": self.estimator.batch_size, "eval_channels": self.args.eval_channels,
+                "eval_layers": self.args.eval_layers, "search_run": self.args.run_name, "seed": self.args.seed,
+                "epoch": row["epoch"], "valid_acc": row["valid_acc"], "energy_weight": self.args.energy_weight,
+                "task_weight": self.args.task_weight}
+        G.save(genotype, os.path.join(d, "genotype.json"), self.args.primitives, meta)
+        tracker.log(row, step=row["epoch"])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser, args, explicit = parse_args(argv)
+    return utils.guarded_main(parser, run, args, explicit)
+
+
+def run(args: argparse.Namespace, explicit: set) -> int:
+    ckpt = None
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume, SCRIPT)
+        args = utils.merge_resumed_args(ckpt["args"], args, explicit)
+    resolve(args)
+    run_dir = utils.make_run_dir(args, SCRIPT)
+    log = utils.setup_logging(run_dir)
+    search = Search(args, run_dir, ckpt, explicit, log)
+    if ckpt is not None:
+        overridden = sorted(k for k in explicit if k in ckpt["args"] and k != "resume")
+        log.info(f"resumed {run_dir} after epoch {search.start_epoch}"
+                 + (f"; overriding {', '.join(overridden)}" if overridden else ""))
+    tracker = utils.start_run(args, run_dir, search.device, search.estimator, search.wandb_id, log)
+    search.wandb_id = tracker.run_id
+    t0 = time.time()
+    with RunControl() as control:
+        result = search.run(tracker, control)
+    if result["stopped"]:
+        tracker.finish()
+        return 128 + control.signal_number
+    genotype = result["genotype"]
+    report = network_report(build_network(genotype, args.eval_channels, search.info.num_classes, args.eval_layers,
+                                          False, search.info.in_channels, search.info.image_size),
+                            search.estimator, search.info)
+    log.info(f"search done in {time.time() - t0:.1f} s; derived genotype = {genotype}")
+    log.info("network train.py builds from it (%d channels, %d layers):\n%s", args.eval_channels, args.eval_layers,
+             report.text())
+    tracker.summary({"genotype_energy_mj": report.energy_mj, "params": report.params, "macs": report.macs})
+    tracker.artifact(f"genotype-{args.run_name}", "genotype", [os.path.join(run_dir, "genotype.json")])
+    tracker.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
