@@ -6,6 +6,7 @@ then writes to <log_dir>/<run_name>/: metrics.jsonl, alphas.json, genotype.json,
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -23,6 +24,7 @@ from datasets import SEARCH_DEFAULTS, TRAIN_DEFAULTS, load_dataset, search_loade
 from model import build_network, network_report
 from model_search import Network
 from operations import POOLS, is_parametric
+from search_control import BudgetController, CollapseStopper
 from utils import NonFiniteError, RunControl
 
 SCRIPT = "search"
@@ -56,7 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width of the network whose energy is reported (default: train.py's for the data set)")
     p.add_argument("--eval_layers", type=utils.positive_int, default=None,
                    help="depth of the network whose energy is reported (default: train.py's for the data set)")
+    add_guard_args(p)
     return p
+
+
+def add_guard_args(p: argparse.ArgumentParser) -> None:
+    """Flags against skip/pool collapse (README, "Avoiding collapse"); all off by default (plain DARTS)."""
+    g = p.add_argument_group("collapse guards and energy budget")
+    g.add_argument("--warmup_epochs", type=utils.nonneg_int, default=0,
+                   help="train the weights only (alphas frozen) for the first N epochs (PC-DARTS)")
+    g.add_argument("--energy_ramp_epochs", type=utils.nonneg_int, default=0,
+                   help="after the warm-up, ramp the energy weight in linearly over M epochs")
+    g.add_argument("--max_skip", type=utils.nonneg_int, default=None,
+                   help="cap skip_connects in the derived normal cell (P-DARTS: 2)")
+    g.add_argument("--min_parametric", type=utils.nonneg_int, default=None,
+                   help="at least K parametric ops in the derived normal cell (default 2 with --max_skip, else 0)")
+    g.add_argument("--early_stop", action="store_true",
+                   help="DARTS+: stop when the unguarded normal cell holds >2 skips for 2 epochs (or --patience)")
+    g.add_argument("--patience", type=utils.positive_int, default=None,
+                   help="with --early_stop: also stop when the ranking of ops is stable for N epochs")
+    g.add_argument("--energy_budget", type=utils.positive_float, default=None,
+                   help="mJ per image of the derived network: adaptive penalty on energy above it (replaces "
+                        "--energy_weight)")
+    g.add_argument("--budget_rate", type=utils.positive_float, default=0.02,
+                   help="step of the budget's Lagrange multiplier per architecture step")
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -83,6 +108,16 @@ def resolve(args: argparse.Namespace) -> None:
                              f"{args.init_channels} into an even width")
     if args.task_weight == 0 and args.energy_weight == 0:
         raise utils.CLIError("--task_weight and --energy_weight are both 0: the alphas would have no objective")
+    if args.min_parametric is None:
+        args.min_parametric = 2 if args.max_skip is not None else 0
+    cells = 2 * 4  # two inputs per intermediate node
+    if args.min_parametric > cells or (args.max_skip or 0) > cells:
+        raise utils.CLIError(f"--max_skip / --min_parametric must be at most {cells} (ops in a normal cell)")
+    if args.min_parametric and not any(is_parametric(p) for p in args.primitives if p != "none"):
+        raise utils.CLIError("--min_parametric needs a parametric op among --primitives")
+    if args.warmup_epochs >= args.epochs:
+        raise utils.CLIError(f"--warmup_epochs {args.warmup_epochs} leaves no epoch to search the alphas "
+                             f"(--epochs {args.epochs})")
 
 
 def genotype_energy_mj(genotype, args, info, estimator) -> float:
@@ -124,6 +159,9 @@ class Search:
                                                                     eta_min=args.learning_rate_min)
         self.architect = Architect(self.model, args.arch_learning_rate, args.arch_weight_decay, args.momentum,
                                    args.weight_decay, args.task_weight, args.energy_weight, args.unrolled)
+        self.stopper = CollapseStopper(patience=args.patience) if args.early_stop else None
+        self.budget = BudgetController(args.energy_budget, args.budget_rate) if args.energy_budget else None
+        self._energy_cache: Dict[Any, float] = {}
         self.start_epoch, self.best_valid_acc, self.wandb_id, self.pending_rng = 0, 0.0, None, None
         if ckpt is not None:
             self.restore(ckpt, explicit)
@@ -139,7 +177,9 @@ class Search:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "arch_optimizer": self.architect.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": utils.rng_state(),
-                "best_valid_acc": self.best_valid_acc, "wandb_id": self.wandb_id}
+                "best_valid_acc": self.best_valid_acc, "wandb_id": self.wandb_id,
+                "stopper": self.stopper.state_dict() if self.stopper else None,
+                "budget_lambda": self.budget.lam if self.budget else None}
 
     def restore(self, ckpt: Dict[str, Any], explicit: set) -> None:
         if ckpt["space"] != self.space():
@@ -157,6 +197,10 @@ class Search:
         self.start_epoch = ckpt["epoch"] + 1
         self.best_valid_acc = ckpt["best_valid_acc"]
         self.wandb_id = ckpt.get("wandb_id")
+        if self.stopper is not None and ckpt.get("stopper"):
+            self.stopper.load_state_dict(ckpt["stopper"])
+        if self.budget is not None and ckpt.get("budget_lambda") is not None:
+            self.budget.lam = float(ckpt["budget_lambda"])
 
     # ------------------------------------------------------------------------------------------------ epochs
     def train_epoch(self, epoch: int, lr: float, control: RunControl) -> Dict[str, float]:
@@ -176,8 +220,11 @@ class Search:
                 xv, yv = next(valid_iter)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             xv, yv = xv.to(self.device, non_blocking=True), yv.to(self.device, non_blocking=True)
-            arch_loss = self.architect.step(x, y, xv, yv, lr, self.optimizer)
-            control.check_finite(arch_loss, "architecture loss", epoch, step)
+            if epoch >= a.warmup_epochs:  # warm-up: the alphas (and Adam's state) stay as they are
+                if self.budget is not None:
+                    self.architect.energy_weight = self.budget.update(self.derived_energy(self.guarded()[0]))
+                arch_loss = self.architect.step(x, y, xv, yv, lr, self.optimizer)
+                control.check_finite(arch_loss, "architecture loss", epoch, step)
             logits, _ = m(x)
             loss = F.cross_entropy(logits, y)
             control.check_finite(loss.item(), "training loss", epoch, step)
@@ -209,15 +256,46 @@ class Search:
         return {"valid_loss": loss_m.avg, "valid_acc": acc_m.avg, "expected_energy_mj": 1e3 * float(energy),
                 "energy_normalized": float(self.architect.normalized_energy(energy))}
 
+    def guarded(self):
+        """The genotype this run writes (guards of --max_skip / --min_parametric applied) and the guards' log."""
+        actions: List[str] = []
+        genotype = self.model.genotype(self.args.max_skip, self.args.min_parametric, actions)
+        return genotype, actions
+
+    def derived_energy(self, genotype) -> float:
+        """genotype_energy_mj, cached per genotype (the budget asks every step; the cell changes rarely)."""
+        key = (tuple(genotype.normal), tuple(genotype.reduce))
+        if key not in self._energy_cache:
+            self._energy_cache[key] = genotype_energy_mj(genotype, self.args, self.info, self.estimator)
+        return self._energy_cache[key]
+
+    def energy_scale(self, epoch: int) -> float:
+        """0 during the warm-up, then a linear ramp over --energy_ramp_epochs (1 without one)."""
+        a = self.args
+        if epoch < a.warmup_epochs:
+            return 0.0
+        return min(1.0, (epoch - a.warmup_epochs + 1) / a.energy_ramp_epochs) if a.energy_ramp_epochs else 1.0
+
+    def ranking(self):
+        """Argmax (non-`none`) op per edge of both cells: what --patience watches."""
+        prims = self.args.primitives
+        usable = [k for k, p in enumerate(prims) if p != "none"]
+        with torch.no_grad():
+            return tuple(tuple(usable[int(i)] for i in alphas[:, usable].argmax(-1))
+                         for alphas in (self.model.alphas_normal, self.model.alphas_reduce))
+
     def run(self, tracker: utils.Tracker, control: RunControl) -> Dict[str, Any]:
         a, log = self.args, self.log
-        genotype = self.model.genotype()
+        genotype = self.guarded()[0]
         if self.pending_rng is not None:
             utils.set_rng_state(self.pending_rng)
         for epoch in range(self.start_epoch, a.epochs):
             t0 = time.time()
             lr = self.optimizer.param_groups[0]["lr"]  # read before scheduler.step(): no off-by-one epoch
             row: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+            if self.budget is None:
+                self.architect.energy_weight = a.energy_weight * self.energy_scale(epoch)
+                row["energy_weight_now"] = self.architect.energy_weight
             row.update(self.train_epoch(epoch, lr, control))
             if control.stop_requested:
                 log.info(f"stopped by {control.signal_name} during epoch {epoch + 1}; the checkpoint of epoch "
@@ -225,7 +303,14 @@ class Search:
                 return {"stopped": True}
             row.update(self.infer())
             self.scheduler.step()
-            genotype = self.model.genotype()
+            unguarded = self.model.genotype()
+            genotype, actions = self.guarded()
+            for line in actions:
+                log.info(line)
+            row["guard_actions"] = len(actions)
+            row["unguarded_normal_skip"] = CollapseStopper.skips(unguarded)
+            if self.budget is not None:
+                row["budget_lambda"] = self.budget.lam
             alphas = self.model.softmaxed_alphas()
             row["genotype_energy_mj"] = genotype_energy_mj(genotype, a, self.info, self.estimator)
             row.update(cell_stats(genotype, alphas))
@@ -239,6 +324,16 @@ class Search:
                      f"{row['normal_skip']} skip, {row['normal_pool']} pool, alpha entropy "
                      f"{row['alpha_entropy']:.3f}")
             log.info(f"genotype = {genotype}")
+            if self.budget is not None:
+                log.info(f"energy budget {a.energy_budget:.4f} mJ: derived {row['genotype_energy_mj']:.4f} mJ, "
+                         f"lambda {self.budget.lam:.4f}")
+            if self.stopper is not None:
+                kept = (genotype, row)
+                if self.stopper.update(epoch + 1, unguarded, kept, self.ranking()):
+                    genotype, kept_row = self.stopper.result
+                    log.info(self.stopper.reason)
+                    self.write_genotype(genotype, {**kept_row, "early_stop": self.stopper.reason})
+                    break
         return {"stopped": False, "genotype": genotype}
 
     def write_epoch(self, row: Dict[str, Any], genotype, alphas, tracker: utils.Tracker) -> None:
@@ -248,13 +343,38 @@ class Search:
         history = utils.read_json(history_path, default=[])
         history.append({"epoch": row["epoch"], "primitives": list(self.args.primitives), **alphas})
         utils.atomic_write_json(history_path, history)
+        self.write_genotype(genotype, row)
+        tracker.log({**row, **self.plot_epoch(row, genotype, alphas, tracker)}, step=row["epoch"])
+
+    def plot_epoch(self, row: Dict[str, Any], genotype, alphas, tracker: utils.Tracker) -> Dict[str, Any]:
+        """Alpha heatmaps, curves and cell diagrams in the run folder (updated each epoch), as wandb images."""
+        import plots
+        import visualize
+        d, a = self.run_dir, self.args
+        with open(os.path.join(d, "metrics.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        paths = plots.search_figures(d, rows, alphas, a.primitives, a.run_name)
+        cells = visualize.render(genotype, os.path.join(d, "cells"), self.info, a.eval_channels, a.eval_layers,
+                                 self.estimator, name=f"epoch {row['epoch']}")
+        paths.update({f"cell_{os.path.basename(p)[:-4]}": p for p in cells if p.endswith(".png")})
+        return {f"plots/{k}": tracker.image(p) for k, p in paths.items()} if tracker.run is not None else {}
+
+    def write_genotype(self, genotype, row: Dict[str, Any]) -> None:
+        """genotype.json with the epoch's metadata (also the kept genotype of an early stop)."""
+        d = self.run_dir
         meta = {"dataset": self.args.dataset, "energy_mj": row["genotype_energy_mj"],
                 "energy_batch_size": self.estimator.batch_size, "eval_channels": self.args.eval_channels,
                 "eval_layers": self.args.eval_layers, "search_run": self.args.run_name, "seed": self.args.seed,
                 "epoch": row["epoch"], "valid_acc": row["valid_acc"], "energy_weight": self.args.energy_weight,
                 "task_weight": self.args.task_weight}
+        for key in ("early_stop",):
+            if key in row:
+                meta[key] = row[key]
+        if self.args.max_skip is not None or self.args.min_parametric:
+            meta["guards"] = {"max_skip": self.args.max_skip, "min_parametric": self.args.min_parametric}
+        if self.args.energy_budget is not None:
+            meta["energy_budget_mj"] = self.args.energy_budget
         G.save(genotype, os.path.join(d, "genotype.json"), self.args.primitives, meta)
-        tracker.log(row, step=row["epoch"])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -269,12 +389,11 @@ def run(args: argparse.Namespace, explicit: set) -> int:
         args = utils.merge_resumed_args(ckpt["args"], args, explicit)
     resolve(args)
     run_dir = utils.make_run_dir(args, SCRIPT)
-    log = utils.setup_logging(run_dir)
-    search = Search(args, run_dir, ckpt, explicit, log)
+    with utils.discard_on_error(run_dir):  # bad input found while setting up leaves no run folder behind
+        log = utils.setup_logging(run_dir)
+        search = Search(args, run_dir, ckpt, explicit, log)
     if ckpt is not None:
-        overridden = sorted(k for k in explicit if k in ckpt["args"] and k != "resume")
-        log.info(f"resumed {run_dir} after epoch {search.start_epoch}"
-                 + (f"; overriding {', '.join(overridden)}" if overridden else ""))
+        utils.resume_bookkeeping(log, run_dir, ckpt, args, explicit)
     tracker = utils.start_run(args, run_dir, search.device, search.estimator, search.wandb_id, log)
     search.wandb_id = tracker.run_id
     t0 = time.time()

@@ -60,6 +60,14 @@ def test_wandb_offline_wrote_the_logged_keys(search_run):
     for key in (b"valid_acc", b"genotype_energy_mj", b"expected_energy_mj", b"train_loss"):
         assert key in blobs, key
     assert not glob.glob(os.path.join(os.path.dirname(run_dir), "..", "wandb"))  # nothing outside the run folder
+    images = glob.glob(os.path.join(runs[0], "files", "media", "images", "**", "*.png"), recursive=True)
+    assert len(images) >= 2 * 4  # alphas, curves, two cells, every epoch
+
+
+def test_run_folder_has_the_figures(search_run):
+    run_dir, _ = search_run
+    for name in ("alphas.png", "curves.png", "cells/normal.png", "cells/reduce.png", "cells/normal.pdf"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 1000, name
 
 
 def test_end_of_search_prints_the_report(search_run):

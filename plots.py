@@ -1,0 +1,140 @@
+"""Matplotlib figures the scripts write into run folders: alpha heatmaps, training curves, the Pareto plot.
+
+Everything renders with the Agg backend (no display needed); matplotlib is imported only when a plot is made.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    """Save atomically (temp name, then rename) so a reader never sees half a PNG."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    _plt().close(fig)
+    return path
+
+
+def edge_labels(steps: int = 4) -> List[str]:
+    """`node <- input` names of a cell's edges in the order of the alphas' rows."""
+    names = []
+    for i in range(steps):
+        for j in range(2 + i):
+            src = "c_{k-2}" if j == 0 else "c_{k-1}" if j == 1 else str(j - 2)
+            names.append(f"{i} <- {src}")
+    return names
+
+
+def alpha_heatmaps(alphas: Dict[str, list], primitives: Sequence[str], path: str, title: str = "") -> str:
+    """Softmaxed alphas as two heatmaps (edges x ops), normal and reduce cells side by side."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
+    rows = len(alphas["normal"])
+    steps = {2: 1, 5: 2, 9: 3, 14: 4, 20: 5}.get(rows, 4)
+    for ax, kind in zip(axes, ("normal", "reduce")):
+        im = ax.imshow(alphas[kind], cmap="viridis", aspect="auto", vmin=0.0)
+        ax.set_title(f"{kind} cell")
+        ax.set_xticks(range(len(primitives)))
+        ax.set_xticklabels(primitives, rotation=45, ha="right")
+        ax.set_yticks(range(rows))
+        ax.set_yticklabels(edge_labels(steps)[:rows])
+        for r, row in enumerate(alphas[kind]):
+            best = max(range(len(row)), key=row.__getitem__)
+            ax.text(best, r, "*", ha="center", va="center", color="white", fontsize=12)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="softmax(alpha)")
+    axes[0].set_ylabel("edge (node <- input)")
+    fig.suptitle(title or "architecture weights (* = strongest op per edge)")
+    return _save(fig, path)
+
+
+def curves(rows: List[dict], path: str, panels: Sequence[Tuple[str, Sequence[str], str]], title: str = "") -> str:
+    """One panel per (title, metric keys, y label) over the epochs of `rows` (metrics.jsonl objects)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6))
+    axes = axes if len(panels) > 1 else [axes]
+    epochs = [r["epoch"] for r in rows]
+    for ax, (name, keys, ylabel) in zip(axes, panels):
+        for key in keys:
+            values = [r.get(key) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", ms=3, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+SEARCH_PANELS = [("accuracy", ["train_acc", "valid_acc"], "accuracy (%)"),
+                 ("loss", ["train_loss", "valid_loss"], "cross-entropy"),
+                 ("energy", ["expected_energy_mj", "genotype_energy_mj"], "mJ per image")]
+TRAIN_PANELS = [("accuracy", ["train_acc", "valid_acc", "test_acc"], "accuracy (%)"),
+                ("loss", ["train_loss", "valid_loss", "test_loss"], "cross-entropy"),
+                ("learning rate", ["lr"], "lr")]
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the points not dominated in (lower energy, higher accuracy), sorted by energy.
+
+    A point (e, a) is dominated when another has e' <= e and a' >= a with at least one strict."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def pareto_plot(rows: List[dict], path: str, acc_key: str, title: str = "") -> str:
+    """Accuracy vs estimated energy: runs as dots, mean +- std per energy weight, the front of the means."""
+    import numpy as np
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    weights = sorted({r["energy_weight"] for r in rows})
+    cmap = plt.get_cmap("viridis")
+    means = []
+    for k, w in enumerate(weights):
+        pts = [(r["genotype_energy_mj"], r[acc_key]) for r in rows if r["energy_weight"] == w
+               and r.get(acc_key) is not None]
+        if not pts:
+            continue
+        color = cmap(k / max(1, len(weights) - 1))
+        e, a = np.array(pts).T
+        ax.scatter(e, a, color=color, alpha=0.35, s=25)
+        me, ma = e.mean(), a.mean()
+        ax.errorbar(me, ma, xerr=e.std(), yerr=a.std(), fmt="o", ms=8, color=color, capsize=4,
+                    label=f"energy weight {w:g} (n={len(pts)})")
+        ax.annotate(f"w={w:g}", (me, ma), textcoords="offset points", xytext=(7, 7), fontsize=9)
+        means.append((me, ma))
+    if means:
+        front = pareto_front(means)
+        ax.plot([means[i][0] for i in front], [means[i][1] for i in front], "--", color="crimson", lw=1.5,
+                label="Pareto front (of the means)")
+    ax.set_xlabel("estimated energy of the derived network (mJ per image)")
+    ax.set_ylabel(f"{acc_key.replace('_', ' ')} (%)")
+    ax.set_title(title or "accuracy vs energy, mean +- std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def search_figures(run_dir: str, rows: List[dict], alphas: Dict[str, list], primitives: Sequence[str],
+                   title: str = "") -> Dict[str, Optional[str]]:
+    """The per-epoch figures of a search run folder (paths by name)."""
+    return {"alphas": alpha_heatmaps(alphas, primitives, os.path.join(run_dir, "alphas.png"),
+                                     f"{title} epoch {rows[-1]['epoch']}".strip()),
+            "curves": curves(rows, os.path.join(run_dir, "curves.png"), SEARCH_PANELS, title)}

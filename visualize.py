@@ -1,0 +1,181 @@
+"""Draw the normal and reduction cells of a genotype as PNG and PDF, each edge labelled with its op and the op's
+estimated energy (mJ per image) in the network train.py builds from the genotype.
+
+    python visualize.py log/<run>/genotype.json --out log/<run>/cells     # or --arch DARTS_V2
+
+Uses graphviz's `dot` program when it is installed, matplotlib otherwise (`--backend` to choose).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import genotypes as G
+import utils
+from datasets import TRAIN_DEFAULTS, DataInfo, known_info
+from model import build_network
+
+KINDS = ("normal", "reduce")
+
+
+def _node(j: int) -> str:
+    return "c_{k-2}" if j == 0 else "c_{k-1}" if j == 1 else str(j - 2)
+
+
+def op_energies(genotype: G.Genotype, info: DataInfo, channels: int, layers: int, estimator) -> Dict[str, List[float]]:
+    """mJ per image of each op of the first normal and the first reduction cell of the default network."""
+    net = build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
+    rows = estimator.breakdown(net.eval(), (estimator.batch_size, info.in_channels, info.image_size,
+                                            info.image_size))
+    first = {kind: next(i for i, c in enumerate(net.cells) if c.reduction == (kind == "reduce")) for kind in KINDS}
+    out = {}
+    for kind, cell in first.items():
+        energies = []
+        for k in range(len(getattr(genotype, kind))):
+            prefix = f"cells.{cell}._ops.{k}."
+            energies.append(sum(r["energy_mj"] for r in rows if r["name"].startswith(prefix)
+                                or r["name"] == prefix[:-1]))
+        out[kind] = energies
+    return out
+
+
+def to_dot(pairs: List[Tuple[str, int]], concat: List[int], energies: List[float], title: str) -> str:
+    """DOT text of one cell (DARTS's layout, energies on the edges)."""
+    lines = ["digraph cell {", "  rankdir=LR; labelloc=t; fontname=Helvetica;",
+             f'  label="{title}";',
+             "  node [style=filled, shape=rect, align=center, fontsize=16, height=0.5, width=0.5, penwidth=2, "
+             "fontname=Helvetica];", "  edge [fontsize=13, fontname=Helvetica];",
+             '  "c_{k-2}" [fillcolor=darkseagreen2]; "c_{k-1}" [fillcolor=darkseagreen2];']
+    steps = len(pairs) // 2
+    for i in range(steps):
+        lines.append(f'  "{i}" [fillcolor=lightblue];')
+    for k, ((op, j), e) in enumerate(zip(pairs, energies)):
+        lines.append(f'  "{_node(j)}" -> "{k // 2}" [label="{op}\\n{e:.4f} mJ", fillcolor=gray];')
+    lines.append('  "c_{k}" [fillcolor=palegoldenrod];')
+    for i in concat:
+        if i >= 2:
+            lines.append(f'  "{i - 2}" -> "c_{{k}}" [fillcolor=gray];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def draw_graphviz(dot_text: str, out_base: str) -> List[str]:
+    paths = []
+    for fmt in ("png", "pdf"):
+        path = f"{out_base}.{fmt}"
+        subprocess.run(["dot", f"-T{fmt}", "-o", path], input=dot_text, text=True, check=True,
+                       capture_output=True, timeout=60)
+        paths.append(path)
+    return paths
+
+
+def draw_matplotlib(pairs: List[Tuple[str, int]], concat: List[int], energies: List[float], title: str,
+                    out_base: str) -> List[str]:
+    """The same diagram without graphviz: inputs left, nodes in a row, output right, labelled arcs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = len(pairs) // 2
+    pos = {"c_{k-2}": (0.0, 1.2), "c_{k-1}": (0.0, -1.2), "c_{k}": (steps + 1.6, 0.0)}
+    for i in range(steps):
+        pos[str(i)] = (i + 1.2, 0.9 if i % 2 == 0 else -0.9)
+    fig, ax = plt.subplots(figsize=(3.2 * steps + 3, 6.2))
+    colors = {"c_{k-2}": "#b4eeb4", "c_{k-1}": "#b4eeb4", "c_{k}": "#eee8aa"}
+    for k, ((op, j), e) in enumerate(zip(pairs, energies)):
+        src, dst = pos[_node(j)], pos[str(k // 2)]
+        rad = 0.25 if k % 2 else -0.25
+        ax.annotate("", xy=dst, xytext=src, arrowprops=dict(arrowstyle="-|>", lw=1.4, color="#555555",
+                                                            shrinkA=22, shrinkB=22,
+                                                            connectionstyle=f"arc3,rad={rad}"))
+        # label on the arc near its head: each node has two incoming arcs bending opposite ways, so labels
+        # close to the head separate (matplotlib's arc3 control point: chord midpoint + rad * (dy, -dx))
+        dx, dy = dst[0] - src[0], dst[1] - src[1]
+        cx, cy = (src[0] + dst[0]) / 2 + rad * dy, (src[1] + dst[1]) / 2 - rad * dx
+        t = 0.62
+        mx = (1 - t) ** 2 * src[0] + 2 * (1 - t) * t * cx + t ** 2 * dst[0]
+        my = (1 - t) ** 2 * src[1] + 2 * (1 - t) * t * cy + t ** 2 * dst[1]
+        ox = oy = 0.0
+        ax.text(mx + ox, my + oy, f"{op}\n{e:.4f} mJ", ha="center", va="center", fontsize=8.5,
+                bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="#bbbbbb", alpha=0.9))
+    for i in concat:
+        if i >= 2:
+            ax.annotate("", xy=pos["c_{k}"], xytext=pos[str(i - 2)],
+                        arrowprops=dict(arrowstyle="-|>", lw=1.0, color="#999999", shrinkA=22, shrinkB=22))
+    for name, (x, y) in pos.items():
+        ax.text(x, y, name, ha="center", va="center", fontsize=13, fontweight="bold",
+                bbox=dict(boxstyle="round,pad=0.5", fc=colors.get(name, "#add8e6"), ec="black", lw=1.5))
+    ax.set_xlim(-0.8, steps + 2.4)
+    ax.set_ylim(-2.0, 2.0)
+    ax.axis("off")
+    ax.set_title(title, fontsize=11)
+    paths = []
+    for fmt in ("png", "pdf"):
+        path = f"{out_base}.{fmt}"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def render(genotype: G.Genotype, out_dir: str, info: DataInfo, channels: int, layers: int, estimator,
+           backend: str = "auto", name: str = "") -> List[str]:
+    """Write normal.{png,pdf} and reduce.{png,pdf} into out_dir; returns the paths."""
+    if backend == "auto":
+        backend = "graphviz" if shutil.which("dot") else "matplotlib"
+    if backend == "graphviz" and not shutil.which("dot"):
+        raise utils.CLIError("--backend graphviz needs the `dot` program (apt-get install graphviz)")
+    os.makedirs(out_dir, exist_ok=True)
+    energies = op_energies(genotype, info, channels, layers, estimator)
+    paths = []
+    for kind in KINDS:
+        pairs, concat = getattr(genotype, kind), list(getattr(genotype, f"{kind}_concat"))
+        total = sum(energies[kind])
+        title = (f"{name} {kind} cell: ops of the first {kind} cell of the {channels}-channel, {layers}-cell network, "
+                 f"{total:.4f} mJ per image in all").strip()
+        base = os.path.join(out_dir, kind)
+        if backend == "graphviz":
+            paths += draw_graphviz(to_dot(pairs, concat, energies[kind], title), base)
+        else:
+            paths += draw_matplotlib(pairs, concat, energies[kind], title, base)
+    return paths
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Draw a genotype's cells (PNG and PDF) with per-op energies.")
+    p.add_argument("genotype", nargs="?", help="genotype.json")
+    p.add_argument("--arch", help=f"a named genotype instead: {', '.join(G.NAMED_GENOTYPES)}")
+    p.add_argument("--out", default=None, help="output folder (default: beside the genotype file)")
+    p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"])
+    p.add_argument("--dataset", default=None, help="data set of the network (default: the genotype's, or cifar10)")
+    p.add_argument("--init_channels", type=utils.positive_int, default=None)
+    p.add_argument("--layers", type=utils.positive_int, default=None)
+    p.add_argument("--energy_model", default=None)
+    p.add_argument("--energy_batch_size", type=utils.positive_int, default=None)
+    args = p.parse_args(argv)
+    try:
+        if bool(args.genotype) == bool(args.arch):
+            raise utils.CLIError("give a genotype file or --arch NAME (one of them)")
+        genotype = G.load(args.genotype) if args.genotype else G.named_genotype(args.arch)
+        meta = G.load_meta(args.genotype) if args.genotype else {}
+        dataset = args.dataset or meta.get("dataset") or "cifar10"
+        info = known_info(dataset) or DataInfo(3, 10, 32)
+        table = {**TRAIN_DEFAULTS["*"], **TRAIN_DEFAULTS.get(dataset, {})}
+        channels = args.init_channels or meta.get("eval_channels") or table["init_channels"]
+        layers = args.layers or meta.get("eval_layers") or table["layers"]
+        estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
+        out = args.out or (os.path.dirname(os.path.abspath(args.genotype)) if args.genotype else ".")
+        name = args.arch or os.path.basename(os.path.dirname(os.path.abspath(args.genotype)))
+        for path in render(genotype, out, info, channels, layers, estimator, args.backend, name):
+            print(path)
+    except utils.CLIError as e:
+        p.print_usage(sys.stderr)
+        utils.fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
