@@ -10,6 +10,7 @@ split of the training set that chooses the best checkpoint (`best_weights.pt`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop_path_prob", type=utils.unit_float)
     p.add_argument("--grad_clip", type=utils.positive_float)
     p.add_argument("--label_smoothing", type=utils.unit_float)
+    p.add_argument("--image_size", type=utils.positive_int, default=None,
+                   help="imagenet/imagefolder: side of the square input (default 224 / 32)")
+    p.add_argument("--threads", type=utils.nonneg_int, default=None,
+                   help="CPU threads of torch (0: torch's default; digits: 1, faster for 8x8 images "
+                        "and on a busy machine)")
+    utils.add_speed_args(p)
     p.add_argument("--valid_portion", type=utils.fraction, default=None,
                    help="hold out this part of the training split to choose the best checkpoint")
     p.add_argument("--report", action="store_true", help="print params, MACs and energy, then exit")
@@ -67,6 +74,8 @@ def resolve(args: argparse.Namespace) -> None:
     if not args.genotype and not args.arch:
         raise utils.CLIError("give the architecture: --genotype path/to/genotype.json or --arch NAME "
                              f"({', '.join(G.NAMED_GENOTYPES)})")
+    if args.image_size and args.dataset not in ("imagenet", "imagefolder"):
+        raise utils.CLIError(f"--image_size applies to imagenet and imagefolder; {args.dataset} has a fixed size")
     if (args.json or args.measure_energy) and not args.report:
         raise utils.CLIError("--json and --measure_energy go with --report")
 
@@ -80,7 +89,9 @@ def dataset_info(args: argparse.Namespace) -> DataInfo:
     from datasets import known_info
     info = known_info(args.dataset)
     if info is None:
-        _, info = load_dataset(args.dataset, args.data, train=False)
+        _, info = load_dataset(args.dataset, args.data, train=False, image_size=args.image_size)
+    elif args.image_size:
+        info = dataclasses.replace(info, image_size=args.image_size)
     return info
 
 
@@ -96,32 +107,40 @@ def report(args: argparse.Namespace) -> int:
     estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
     model = make_model(genotype, args, info).eval()
     rep = network_report(model, estimator, info)
+    out = {**rep.to_dict(), "test_acc": None, "seed": args.seed, "wall_s": None}
+    if args.measure_energy:  # before printing anything: a missing counter is one error line, not half a report
+        out.update(measure_energy(model, args, info, estimator.batch_size))
     print(f"{args.genotype or args.arch} at {args.init_channels} channels, {args.layers} layers, {args.dataset} "
           f"({info.in_channels}x{info.image_size}x{info.image_size}, batch {estimator.batch_size}):")
     print(rep.text())
-    out = {**rep.to_dict(), "test_acc": None, "seed": args.seed, "wall_s": None}
     if args.measure_energy:
-        out.update(measure_energy(model, args, info, estimator.batch_size, rep.energy_mj))
+        measured = out["measured_energy_mj"]
+        print(f"measured {measured:.4f} mJ per image ({out['measurement_source']}) vs estimated "
+              f"{rep.energy_mj:.4f} mJ (ratio {measured / rep.energy_mj:.2f})")
     if args.json:
         utils.atomic_write_json(args.json, out)
     return 0
 
 
-def measure_energy(model: nn.Module, args, info: DataInfo, batch: int, estimate_mj: float) -> Dict[str, Any]:
-    """Measure the real inference energy (NVML, RAPL or latency x --watts) and print it beside the estimate."""
+def measure_energy(model: nn.Module, args, info: DataInfo, batch: int) -> Dict[str, Any]:
+    """Measure the real inference energy per image (NVML, RAPL or latency x --watts) at the deployment batch."""
     from dl_energy_estimator import EnergyCounterUnavailable, measure
     if args.weights:
-        model.load_state_dict(load_weights(args.weights))
+        state = load_weights(args.weights)
+        if getattr(model, "auxiliary_head", None) is None:  # trained with --auxiliary: the head never deploys
+            state = {k: v for k, v in state.items() if not k.startswith("auxiliary_head.")}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise utils.CLIError(f"--weights {args.weights} do not fit this network (same genotype, "
+                                 f"--init_channels, --layers, --dataset?): {str(e).splitlines()[0]}") from None
     device = utils.resolve_device(args.device, args.gpu)
     try:
         m = measure([(model, (batch, info.in_channels, info.image_size, info.image_size))], device=device.type,
                     watts=args.watts, batch_size=batch)
     except EnergyCounterUnavailable as e:
         raise utils.CLIError(str(e)) from None
-    measured = 1e3 * m.joules[0]
-    print(f"measured {measured:.4f} mJ per image ({m.source}) vs estimated {estimate_mj:.4f} mJ "
-          f"(ratio {measured / estimate_mj:.2f})")
-    return {"measured_energy_mj": measured, "measurement_source": m.source}
+    return {"measured_energy_mj": 1e3 * m.joules[0], "measurement_source": m.source}
 
 
 def load_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -141,13 +160,17 @@ class Trainer:
                  log) -> None:
         self.args, self.run_dir, self.log = args, run_dir, log
         self.device = utils.resolve_device(args.device, args.gpu)
+        if self.device.type == "cpu" and args.threads:  # tiny tensors: extra threads only add sync overhead
+            torch.set_num_threads(args.threads)
         utils.set_seed(args.seed)
         self.genotype = G.from_dict(ckpt["genotype"]) if ckpt else load_genotype(args)
         self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
         cutout = args.cutout_length if args.cutout else 0
-        train_data, self.info = load_dataset(args.dataset, args.data, train=True, cutout=cutout)
-        test_data, _ = load_dataset(args.dataset, args.data, train=False)
-        plain_train = load_dataset(args.dataset, args.data, train=True, augment=False)[0] if args.valid_portion \
+        size = args.image_size
+        train_data, self.info = load_dataset(args.dataset, args.data, train=True, cutout=cutout, image_size=size)
+        test_data, _ = load_dataset(args.dataset, args.data, train=False, image_size=size)
+        plain_train = load_dataset(args.dataset, args.data, train=True, augment=False, image_size=size)[0] \
+            if args.valid_portion \
             else None
         self.train_queue, self.valid_queue, self.test_queue = eval_loaders(train_data, plain_train, test_data,
                                                                            args, self.device)
@@ -227,15 +250,18 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             self.model.drop_path_prob = a.drop_path_prob * epoch / a.epochs
             row = {"epoch": epoch + 1, "lr": lr}
-            row.update(self.train_epoch(epoch, control))
+            with utils.autocast(self.device, a.amp):
+                row.update(self.train_epoch(epoch, control))
             if control.stop_requested:
                 log.info(f"stopped by {control.signal_name} during epoch {epoch + 1}; the checkpoint of epoch "
                          f"{epoch} is intact: resume with --resume {self.run_dir}")
                 return {"stopped": True}
             self.scheduler.step()
             if self.valid_queue is not None:
-                row.update(self.evaluate(self.valid_queue, "valid"))
-            row.update(self.evaluate(self.test_queue, "test"))
+                with utils.autocast(self.device, a.amp):
+                    row.update(self.evaluate(self.valid_queue, "valid"))
+            with utils.autocast(self.device, a.amp):
+                row.update(self.evaluate(self.test_queue, "test"))
             self.wall_s += time.time() - t0
             row["epoch_s"] = time.time() - t0
             utils.append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), row)
@@ -269,10 +295,11 @@ def run(args: argparse.Namespace, explicit: set) -> int:
     if args.report:
         return report(args)
     run_dir = utils.make_run_dir(args, SCRIPT)
-    log = utils.setup_logging(run_dir)
-    trainer = Trainer(args, run_dir, ckpt, explicit, log)
+    with utils.discard_on_error(run_dir):  # bad input found while setting up leaves no run folder behind
+        log = utils.setup_logging(run_dir)
+        trainer = Trainer(args, run_dir, ckpt, explicit, log)
     if ckpt is not None:
-        log.info(f"resumed {run_dir} after epoch {trainer.start_epoch}")
+        utils.resume_bookkeeping(log, run_dir, ckpt, args, explicit)
     tracker = utils.start_run(args, run_dir, trainer.device, trainer.estimator, trainer.wandb_id, log)
     trainer.wandb_id = tracker.run_id
     rep = trainer.report

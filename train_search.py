@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch_learning_rate", type=utils.positive_float)
     p.add_argument("--arch_weight_decay", type=utils.nonneg_float)
     p.add_argument("--unrolled", action="store_true", help="second-order (unrolled) architecture step")
+    utils.add_speed_args(p)
     p.add_argument("--partial_channels", type=utils.positive_int, default=1,
                    help="PC-DARTS: each edge computes 1/K of the channels (1 = plain DARTS)")
     p.add_argument("--eval_channels", type=utils.positive_int, default=None,
@@ -137,6 +138,23 @@ def cell_stats(genotype, alphas: Dict[str, Any]) -> Dict[str, float]:
             "normal_skip": ops.count("skip_connect"),
             "normal_pool": sum(op in POOLS for op in ops),
             "alpha_entropy": entropy}
+
+
+def weight_step(model, params, optimizer, x, y, grad_clip: float, check=lambda value, what: None):
+    """One SGD step of the supernet's weights on a training batch; returns (logits, loss).
+
+    Gradients are taken for the weights only (the alphas' gradient is not needed here, which saves backward
+    work); `check(value, what)` sees the loss and the gradient norm before the step is taken."""
+    logits, _ = model(x)
+    loss = F.cross_entropy(logits, y)
+    check(loss.item(), "training loss")
+    grads = torch.autograd.grad(loss, params)
+    for p, g in zip(params, grads):
+        p.grad = g
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    check(float(norm), "weight gradient")
+    optimizer.step()
+    return logits, loss
 
 
 class Search:
@@ -225,15 +243,8 @@ class Search:
                     self.architect.energy_weight = self.budget.update(self.derived_energy(self.guarded()[0]))
                 arch_loss = self.architect.step(x, y, xv, yv, lr, self.optimizer)
                 control.check_finite(arch_loss, "architecture loss", epoch, step)
-            logits, _ = m(x)
-            loss = F.cross_entropy(logits, y)
-            control.check_finite(loss.item(), "training loss", epoch, step)
-            grads = torch.autograd.grad(loss, params)  # weights only: the alphas' gradient is not needed here
-            for p, g in zip(params, grads):
-                p.grad = g
-            norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
-            control.check_finite(float(norm), "weight gradient", epoch, step)
-            self.optimizer.step()
+            logits, loss = weight_step(m, params, self.optimizer, x, y, a.grad_clip,
+                                       lambda value, what: control.check_finite(value, what, epoch, step))
             acc, = utils.accuracy(logits.detach(), y)
             loss_m.update(loss.item(), y.size(0))
             acc_m.update(acc, y.size(0))
@@ -296,12 +307,14 @@ class Search:
             if self.budget is None:
                 self.architect.energy_weight = a.energy_weight * self.energy_scale(epoch)
                 row["energy_weight_now"] = self.architect.energy_weight
-            row.update(self.train_epoch(epoch, lr, control))
+            with utils.autocast(self.device, a.amp):
+                row.update(self.train_epoch(epoch, lr, control))
             if control.stop_requested:
                 log.info(f"stopped by {control.signal_name} during epoch {epoch + 1}; the checkpoint of epoch "
                          f"{epoch} is intact: resume with --resume {self.run_dir}")
                 return {"stopped": True}
-            row.update(self.infer())
+            with utils.autocast(self.device, a.amp):
+                row.update(self.infer())
             self.scheduler.step()
             unguarded = self.model.genotype()
             genotype, actions = self.guarded()

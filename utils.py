@@ -3,6 +3,7 @@ the energy model and checkpoints. Data sets live in `datasets.py`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import hashlib
 import json
@@ -10,6 +11,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,19 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
 
 
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (and cudnn.benchmark on CUDA): faster on GPUs, results not bitwise "
+                        "reproducible")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on `device` when enabled (a no-op context otherwise)."""
+    if enabled and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def apply_defaults(args: argparse.Namespace, defaults: Dict[str, Dict[str, Any]]) -> None:
     """Fill flags left at None from the per-data-set defaults table (key '*' for every data set)."""
     table = {**defaults.get("*", {}), **defaults.get(args.dataset, defaults.get("other", {}))}
@@ -222,13 +237,90 @@ def make_run_dir(args: argparse.Namespace, script: str) -> str:
     if not args.run_name:
         args.run_name = f"{script}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(args.log_dir, args.run_name)
+    created = _first_missing(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".probe", delete=True)
         probe.close()
     except OSError as e:
         raise CLIError(f"cannot write to --log_dir {args.log_dir} ({e.strerror}); choose a writable folder") from None
+    _NEW_RUN_DIRS[os.path.abspath(run_dir)] = created
     return run_dir
+
+
+_NEW_RUN_DIRS: Dict[str, Optional[str]] = {}  # run folder -> the topmost folder this process created for it
+
+
+def _first_missing(path: str) -> Optional[str]:
+    """The topmost folder of `path` that does not exist yet (None if `path` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+@contextlib.contextmanager
+def discard_on_error(run_dir: str):
+    """Set-up of a run: on bad input (CLIError), remove the folders make_run_dir created for it, so a failed
+    start leaves nothing half-written. A resumed or pre-existing run folder is never removed."""
+    try:
+        yield
+    except CLIError:
+        created = _NEW_RUN_DIRS.pop(os.path.abspath(run_dir), None)
+        if created:
+            for h in list(logging.getLogger("eadarts").handlers):  # release log.txt before removing it
+                if isinstance(h, logging.FileHandler):
+                    h.close()
+                    logging.getLogger("eadarts").removeHandler(h)
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def resume_bookkeeping(log: logging.Logger, run_dir: str, ckpt: Dict[str, Any], args: argparse.Namespace,
+                       explicit: set) -> None:
+    """After a resume has been set up: log which restored flags are overridden (old -> new) and drop the rows
+    of epochs after the checkpoint's (a kill between a metrics row and its checkpoint leaves one)."""
+    saved = ckpt["args"]
+    overridden = [f"{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in sorted(explicit)
+                  if k in saved and k != "resume" and saved[k] != getattr(args, k, None)]
+    dropped = truncate_history(run_dir, ckpt["epoch"] + 1)
+    log.info(f"resumed {run_dir} after epoch {ckpt['epoch'] + 1}"
+             + (f"; overriding {', '.join(overridden)}" if overridden else "; no overrides (exact resume)")
+             + (f"; dropped {dropped} row(s) logged after that checkpoint" if dropped else ""))
+
+
+def truncate_history(run_dir: str, last_epoch: int) -> int:
+    """On resume: drop metrics.jsonl rows and alphas.json entries after `last_epoch` (1-based), written by a
+    run killed after it logged an epoch but before that epoch's checkpoint, and any torn last line.
+    Returns how many rows were dropped."""
+    dropped = 0
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        keep = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    dropped += 1
+                    continue
+                if isinstance(row, dict) and row.get("epoch", 0) <= last_epoch:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+                else:
+                    dropped += 1
+        if dropped:
+            atomic_write_text(path, "".join(keep))
+    path = os.path.join(run_dir, "alphas.json")
+    history = read_json(path)
+    if isinstance(history, list):
+        kept = [h for h in history if isinstance(h, dict) and h.get("epoch", 0) <= last_epoch]
+        if len(kept) != len(history):
+            dropped += len(history) - len(kept)
+            atomic_write_json(path, kept)
+    return dropped
 
 
 def git_commit() -> Optional[str]:
@@ -431,7 +523,7 @@ def checkpoint_path(resume: str) -> str:
 
 def merge_resumed_args(saved: Dict[str, Any], given: argparse.Namespace, explicit: set) -> argparse.Namespace:
     """The restored flags, overridden by those given explicitly now; the run continues in the same folder."""
-    merged = argparse.Namespace(**saved)
+    merged = argparse.Namespace(**{**vars(given), **saved})  # flags newer than the checkpoint keep defaults
     for key in explicit:
         if hasattr(given, key):
             setattr(merged, key, getattr(given, key))

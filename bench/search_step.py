@@ -1,0 +1,168 @@
+"""Time full search steps (architect step + weight step) of the supernet, configurations side by side.
+
+    python bench/search_step.py                                  # CIFAR-10 shape, batch 32, 8 layers, 16 channels
+    python bench/search_step.py --device cuda --batch_size 64 [--amp] --json bench.json
+
+Steps of all configurations are interleaved (one step of each in turn) so the machine's drift hits them alike;
+the median of `--steps` timed steps after warm-up is reported, with ratios against the first row (`plain`: every
+fast path off, as the original DARTS code runs). Peak memory is measured for each configuration in a process of
+its own (CPU: peak RSS; CUDA: max allocated).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from architect import Architect  # noqa: E402
+from datasets import known_info  # noqa: E402
+from dl_energy_estimator import EnergyEstimator  # noqa: E402
+from genotypes import PRIMITIVES  # noqa: E402
+from model_search import Network  # noqa: E402
+from train_search import weight_step  # noqa: E402
+
+CONFIGS: List[Dict[str, Any]] = [
+    {"name": "plain", "energy_weight": 0.05, "order": "first", "partial_channels": 1, "fast": False},
+    {"name": "energy 0", "energy_weight": 0.0, "order": "first", "partial_channels": 1, "fast": True},
+    {"name": "default", "energy_weight": 0.05, "order": "first", "partial_channels": 1, "fast": True},
+    {"name": "K=2", "energy_weight": 0.05, "order": "first", "partial_channels": 2, "fast": True},
+    {"name": "K=4", "energy_weight": 0.05, "order": "first", "partial_channels": 4, "fast": True},
+    {"name": "second order", "energy_weight": 0.05, "order": "second", "partial_channels": 1, "fast": True},
+    {"name": "second order K=4", "energy_weight": 0.05, "order": "second", "partial_channels": 4, "fast": True},
+]
+
+
+class Runner:
+    """One configuration: supernet, architect, optimizer and a fixed batch; `step()` is one search step."""
+
+    def __init__(self, cfg: Dict[str, Any], args: argparse.Namespace, device: torch.device) -> None:
+        info = known_info(args.dataset)
+        torch.manual_seed(0)
+        self.cfg, self.device, self.amp = cfg, device, args.amp and device.type == "cuda"
+        self.model = Network(args.init_channels, info.num_classes, args.layers, PRIMITIVES, info.in_channels,
+                             EnergyEstimator.default(), partial_channels=cfg["partial_channels"],
+                             skip_none=cfg["fast"]).to(device)
+        self.arch = Architect(self.model, energy_weight=cfg["energy_weight"], unrolled=cfg["order"] == "second")
+        self.opt = torch.optim.SGD(self.model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+        shape = (args.batch_size, info.in_channels, info.image_size, info.image_size)
+        g = torch.Generator().manual_seed(1)
+        self.x, self.xv = (torch.randn(shape, generator=g).to(device) for _ in range(2))
+        self.y, self.yv = (torch.randint(0, info.num_classes, (args.batch_size,), generator=g).to(device)
+                           for _ in range(2))
+
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.cfg["fast"]:
+                self.arch.step(self.x, self.y, self.xv, self.yv, 0.025, self.opt)
+                weight_step(self.model, self.model.weight_parameters(), self.opt, self.x, self.y, 5.0)
+            else:  # as the original DARTS code: full backward() for both updates
+                self.arch.optimizer.zero_grad()
+                if self.arch.unrolled:
+                    self.arch.step(self.x, self.y, self.xv, self.yv, 0.025, self.opt)
+                else:
+                    self.arch.objective(*self.model(self.xv), self.yv).backward()
+                    self.arch.optimizer.step()
+                self.opt.zero_grad()
+                logits, _ = self.model(self.x)
+                F.cross_entropy(logits, self.y).backward()
+                torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), 5.0)
+                self.opt.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(cfg_index: int, args: argparse.Namespace) -> float:
+    """Run two steps of one configuration in a fresh process and read its peak memory."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memory", str(cfg_index), "--batch_size",
+           str(args.batch_size), "--layers", str(args.layers), "--init_channels", str(args.init_channels),
+           "--dataset", args.dataset, "--device", args.device] + (["--amp"] if args.amp else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(cfg_index: int, args: argparse.Namespace, device: torch.device) -> float:
+    runner = Runner(CONFIGS[cfg_index], args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):
+        runner.step()
+    sync(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--init_channels", type=int, default=16)
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--only", default=None, help="comma list of configuration names to run")
+    p.add_argument("--no_memory", action="store_true", help="skip the per-configuration memory processes")
+    p.add_argument("--json", default=None)
+    p.add_argument("--_memory", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args._memory is not None:
+        print(measure_memory(args._memory, args, device))
+        return 0
+    from tqdm import tqdm
+    chosen = [i for i, c in enumerate(CONFIGS) if args.only is None or c["name"] in args.only.split(",")]
+    runners = {i: Runner(CONFIGS[i], args, device) for i in chosen}
+    times: Dict[int, List[float]] = {i: [] for i in chosen}
+    for it in tqdm(range(args.warmup + args.steps), desc="interleaved steps"):
+        for i in chosen:
+            sync(device)
+            t0 = time.perf_counter()
+            runners[i].step()
+            sync(device)
+            if it >= args.warmup:
+                times[i].append(time.perf_counter() - t0)
+    del runners
+    rows = []
+    for i in chosen:
+        c = CONFIGS[i]
+        rows.append({"config": c["name"], "energy_weight": c["energy_weight"], "order": c["order"],
+                     "partial_channels": c["partial_channels"], "device": args.device, "amp": args.amp,
+                     "step_s": statistics.median(times[i]),
+                     "peak_mb": None if args.no_memory else peak_memory_mb(i, args)})
+    base = rows[0]
+    print(f"\nsearch step: {args.dataset} shape, batch {args.batch_size}, {args.layers} layers, "
+          f"{args.init_channels} channels, {args.device}{' bf16' if args.amp else ''}, median of {args.steps}")
+    print(f"{'config':<18}{'w_e':>6}{'order':>8}{'K':>3}{'step s':>9}{'x plain':>9}{'peak MB':>10}{'x mem':>7}")
+    for r in rows:
+        mem = f"{r['peak_mb']:>10.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}" if r["peak_mb"] else ""
+        print(f"{r['config']:<18}{r['energy_weight']:>6g}{r['order']:>8}{r['partial_channels']:>3}"
+              f"{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{mem}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

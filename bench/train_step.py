@@ -1,0 +1,143 @@
+"""Throughput and memory of train.py's network (a training step: forward, backward, SGD), side by side.
+
+    python bench/train_step.py                                   # DARTS_V2, 36 channels, 20 layers, CIFAR shape
+    python bench/train_step.py --device cuda --batch_size 96 --json train_bench.json
+
+Configurations are interleaved step by step; the median step time gives images per second, with ratios against
+the first row (`fp32`); peak memory is measured per configuration in a process of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import genotypes as G  # noqa: E402
+from datasets import known_info  # noqa: E402
+from model import build_network  # noqa: E402
+
+CONFIGS: List[Dict[str, Any]] = [
+    {"name": "fp32", "channels_last": False, "amp": False},
+    {"name": "channels_last", "channels_last": True, "amp": False},
+    {"name": "bf16 autocast", "channels_last": False, "amp": True},
+    {"name": "bf16 + channels_last", "channels_last": True, "amp": True},
+]
+
+
+class Runner:
+    def __init__(self, cfg: Dict[str, Any], args: argparse.Namespace, device: torch.device) -> None:
+        info = known_info(args.dataset)
+        torch.manual_seed(0)
+        self.cfg, self.device = cfg, device
+        fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        self.model = build_network(G.named_genotype(args.arch), args.init_channels, info.num_classes, args.layers,
+                                   args.auxiliary, info.in_channels, info.image_size,
+                                   imagenet=args.dataset == "imagenet").to(device, memory_format=fmt)
+        self.model.drop_path_prob = 0.2
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+        self.x = torch.randn(args.batch_size, info.in_channels, info.image_size, info.image_size,
+                             device=device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, info.num_classes, (args.batch_size,), device=device)
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["amp"]):
+            logits, aux = self.model(self.x)
+            loss = nn.functional.cross_entropy(logits, self.y)
+            if aux is not None:
+                loss = loss + 0.4 * nn.functional.cross_entropy(aux, self.y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.opt.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def child_args(args: argparse.Namespace) -> List[str]:
+    return ["--batch_size", str(args.batch_size), "--layers", str(args.layers), "--init_channels",
+            str(args.init_channels), "--dataset", args.dataset, "--device", args.device, "--arch", args.arch] + (
+        ["--auxiliary"] if args.auxiliary else [])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="DARTS_V2")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--layers", type=int, default=20)
+    p.add_argument("--init_channels", type=int, default=36)
+    p.add_argument("--auxiliary", action="store_true")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--only", default=None, help="comma list of configuration names")
+    p.add_argument("--no_memory", action="store_true")
+    p.add_argument("--json", default=None)
+    p.add_argument("--_memory", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args._memory is not None:
+        runner = Runner(CONFIGS[args._memory], args, device)
+        for _ in range(2):
+            runner.step()
+        sync(device)
+        print(torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        return 0
+    from tqdm import tqdm
+    chosen = [i for i, c in enumerate(CONFIGS) if args.only is None or c["name"] in args.only.split(",")]
+    runners = {i: Runner(CONFIGS[i], args, device) for i in chosen}
+    times: Dict[int, List[float]] = {i: [] for i in chosen}
+    for it in tqdm(range(args.warmup + args.steps), desc="interleaved steps"):
+        for i in chosen:
+            sync(device)
+            t0 = time.perf_counter()
+            runners[i].step()
+            sync(device)
+            if it >= args.warmup:
+                times[i].append(time.perf_counter() - t0)
+    del runners
+    rows = []
+    for i in chosen:
+        mem = None
+        if not args.no_memory:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory", str(i), *child_args(args)],
+                                 capture_output=True, text=True, timeout=3600, check=True)
+            mem = float(out.stdout.strip().splitlines()[-1])
+        step = statistics.median(times[i])
+        rows.append({"config": CONFIGS[i]["name"], "device": args.device, "step_s": step,
+                     "images_per_s": args.batch_size / step, "peak_mb": mem})
+    base = rows[0]
+    print(f"\ntrain step: {args.arch}, {args.init_channels} channels, {args.layers} layers, {args.dataset} shape, "
+          f"batch {args.batch_size}, {args.device}, median of {args.steps}")
+    print(f"{'config':<22}{'step s':>9}{'img/s':>9}{'x fp32':>8}{'peak MB':>10}")
+    for r in rows:
+        mem = f"{r['peak_mb']:>10.0f}" if r["peak_mb"] else ""
+        print(f"{r['config']:<22}{r['step_s']:>9.3f}{r['images_per_s']:>9.1f}"
+              f"{r['images_per_s'] / base['images_per_s']:>8.2f}{mem}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
