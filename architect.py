@@ -21,8 +21,9 @@ class Architect:
 
     def __init__(self, model, arch_learning_rate: float = 3e-4, arch_weight_decay: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 3e-4, task_weight: float = 0.9,
-                 energy_weight: float = 0.05, unrolled: bool = False) -> None:
+                 energy_weight: float = 0.05, unrolled: bool = False, grad_hook=None) -> None:
         self.model = model
+        self.grad_hook = grad_hook  # sees the alphas' gradients before Adam's step (torchrun: averages them)
         self.network_momentum = momentum
         self.network_weight_decay = weight_decay
         self.task_weight = task_weight
@@ -63,6 +64,8 @@ class Architect:
             grads = torch.autograd.grad(loss, self.model.arch_parameters())
             for p, g in zip(self.model.arch_parameters(), grads):
                 p.grad = g
+        if self.grad_hook is not None:
+            self.grad_hook([p.grad for p in self.model.arch_parameters()])
         self.optimizer.step()
         return float(loss.detach())
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+import distributed
 from utils import CLIError
 
 DIGITS_TEST_FRACTION = 0.2
@@ -168,9 +169,9 @@ SEARCH_DEFAULTS = {
 TRAIN_DEFAULTS = {
     "*": dict(batch_size=96, learning_rate=0.025, momentum=0.9, weight_decay=3e-4, epochs=600, init_channels=36,
               layers=20, drop_path_prob=0.2, grad_clip=5.0, cutout_length=16, auxiliary_weight=0.4, workers=2,
-              lr_schedule="cosine", label_smoothing=0.0),
-    "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=8, drop_path_prob=0.1,
-                   cutout_length=3, workers=0),
+              lr_schedule="cosine", label_smoothing=0.0, threads=0),
+    "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=6, drop_path_prob=0.1,
+                   cutout_length=3, workers=0, threads=1),
     "imagenet": dict(batch_size=128, learning_rate=0.1, epochs=250, init_channels=48, layers=14,
                      drop_path_prob=0.0, weight_decay=3e-5, lr_schedule="exponential", gamma=0.97,
                      label_smoothing=0.1, workers=4),
@@ -192,6 +193,11 @@ def search_loaders(train_data, args, device):
     if split < 1 or split >= n:
         raise DataError(f"--train_portion {args.train_portion} leaves an empty half of {n} training images")
     idx = list(range(n))
+    if distributed.enabled():  # torchrun: each rank reads its own share of each half (set_epoch reshuffles)
+        from torch.utils.data import Subset
+        halves = [Subset(train_data, idx[:split]), Subset(train_data, idx[split:])]
+        return tuple(_loader(h, args.batch_size, args.workers, device, distributed.train_sampler(h, args.seed))
+                     for h in halves)
     train = _loader(train_data, args.batch_size, args.workers, device, SubsetRandomSampler(idx[:split]))
     valid = _loader(train_data, args.batch_size, args.workers, device, SubsetRandomSampler(idx[split:]))
     return train, valid
@@ -220,7 +226,14 @@ def eval_loaders(train_data, plain_train, test_data, args, device):
         tr_idx, va_idx = train_test_split(idx, test_size=args.valid_portion, random_state=0,
                                           stratify=targets_of(train_data))
         train_data = Subset(train_data, sorted(tr_idx.tolist()))
-        valid = _loader(Subset(plain_train, sorted(va_idx.tolist())), args.batch_size, args.workers, device)
-    train = _loader(train_data, args.batch_size, args.workers, device, shuffle=True)
-    test = _loader(test_data, args.batch_size, args.workers, device)
+        valid = Subset(plain_train, sorted(va_idx.tolist()))
+        valid = _loader(valid, args.batch_size, args.workers, device, _shard(valid))
+    sampler = distributed.train_sampler(train_data, args.seed)  # None without torchrun
+    train = _loader(train_data, args.batch_size, args.workers, device, sampler, shuffle=sampler is None)
+    test = _loader(test_data, args.batch_size, args.workers, device, _shard(test_data))
     return train, valid, test
+
+
+def _shard(ds):
+    """Under torchrun each rank evaluates its own share (no padding: the averaged metrics are exact)."""
+    return distributed.ShardSampler(len(ds)) if distributed.enabled() else None

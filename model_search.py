@@ -246,8 +246,11 @@ class Network(nn.Module):
                 out["edges_reduce"] = self._edge_weights(self.betas_reduce).tolist()
         return out
 
-    def genotype(self) -> Genotype:
-        """DARTS's rule: per node the 2 strongest incoming edges, on each the strongest non-`none` op."""
+    def genotype(self, max_skip: Optional[int] = None, min_parametric: int = 0,
+                 actions: Optional[List[str]] = None) -> Genotype:
+        """DARTS's rule: per node the 2 strongest incoming edges, on each the strongest non-`none` op. With
+        `max_skip` / `min_parametric` the normal cell is then guarded (`guard_derivation`; rewrites go to
+        `actions`); the defaults are plain DARTS."""
         with torch.no_grad():
             wn = F.softmax(self.alphas_normal, -1)
             wr = F.softmax(self.alphas_reduce, -1)
@@ -255,8 +258,9 @@ class Network(nn.Module):
                 wn = wn * self._edge_weights(self.betas_normal)[:, None]
                 wr = wr * self._edge_weights(self.betas_reduce)[:, None]
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
-        return Genotype(derive(wn.tolist(), self.primitives, self.steps), concat,
-                        derive(wr.tolist(), self.primitives, self.steps), concat)
+        normal = derive(wn.tolist(), self.primitives, self.steps)
+        normal = guard_derivation(wn.tolist(), self.primitives, normal, self.steps, max_skip, min_parametric, actions)
+        return Genotype(normal, concat, derive(wr.tolist(), self.primitives, self.steps), concat)
 
 
 def derive(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps: int) -> List[Tuple[str, int]]:
@@ -270,4 +274,42 @@ def derive(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps:
             best = max(usable, key=lambda k: W[j][k])
             gene.append((primitives[best], j))
         start += 2 + i
+    return gene
+
+
+def guard_derivation(weights: Sequence[Sequence[float]], primitives: Sequence[str], gene: Sequence[Tuple[str, int]],
+                     steps: int, max_skip: Optional[int] = None, min_parametric: int = 0,
+                     actions: Optional[List[str]] = None) -> List[Tuple[str, int]]:
+    """P-DARTS-style guards on a derived cell `gene` (from `derive(weights, ...)`): while it holds more than
+    `max_skip` skip_connects, the weakest one (by its own softmax weight) becomes its edge's best parametric op;
+    then, while it holds fewer than `min_parametric` parametric ops, the weakest parameter-free choice does. Each
+    node keeps its 2 inputs (only the op on a kept edge changes). `actions` receives one line per rewrite; nodes are
+    numbered as genotype inputs are (2 = the first intermediate node)."""
+    from operations import is_parametric
+    parametric = [k for k, p in enumerate(primitives) if p != "none" and is_parametric(p)]
+    gene = list(gene)
+    if (max_skip is None and min_parametric <= 0) or not parametric:
+        return gene
+    index = {p: k for k, p in enumerate(primitives)}
+    rows, start = [], 0  # the weight row of each gene entry
+    for i in range(steps):
+        rows += [start + gene[2 * i + e][1] for e in (0, 1)]
+        start += 2 + i
+
+    def rewrite(pos: int, why: str) -> None:
+        op, j = gene[pos]
+        W = weights[rows[pos]]
+        best = max(parametric, key=lambda k: W[k])
+        gene[pos] = (primitives[best], j)
+        if actions is not None:
+            actions.append(f"{why} replaced {op} on edge (node {pos // 2 + 2}, input {j}) by {primitives[best]}")
+
+    def weakest(pred) -> Optional[int]:
+        cands = [p for p, (op, _) in enumerate(gene) if pred(op)]
+        return min(cands, key=lambda p: weights[rows[p]][index[gene[p][0]]]) if cands else None
+
+    while max_skip is not None and sum(op == "skip_connect" for op, _ in gene) > max_skip:
+        rewrite(weakest(lambda op: op == "skip_connect"), "max_skip")
+    while sum(is_parametric(op) for op, _ in gene) < min(min_parametric, len(gene)):
+        rewrite(weakest(lambda op: not is_parametric(op)), "min_parametric")
     return gene

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import distributed
 import genotypes as G
 import utils
 from datasets import TRAIN_DEFAULTS, DataInfo, eval_loaders, load_dataset
@@ -159,7 +160,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, run_dir: str, ckpt: Optional[Dict[str, Any]], explicit: set,
                  log) -> None:
         self.args, self.run_dir, self.log = args, run_dir, log
-        self.device = utils.resolve_device(args.device, args.gpu)
+        self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
         if self.device.type == "cpu" and args.threads:  # tiny tensors: extra threads only add sync overhead
             torch.set_num_threads(args.threads)
         utils.set_seed(args.seed)
@@ -191,6 +192,9 @@ class Trainer:
             utils.override_schedule(self.optimizer, self.scheduler, args, explicit)
             self.start_epoch, self.best_valid_acc = ckpt["epoch"] + 1, ckpt["best_valid_acc"]
             self.wandb_id, self.wall_s, self.pending_rng = ckpt.get("wandb_id"), ckpt["wall_s"], ckpt["rng"]
+        self.ddp = distributed.wrap(self.model, self.device)  # None without torchrun
+        if distributed.enabled() and ckpt is None:  # same initial weights, then per-rank augmentation/drop path
+            utils.set_seed(args.seed + distributed.rank())
 
     def state(self, epoch: int) -> Dict[str, Any]:
         return {"epoch": epoch, "args": vars(self.args), "genotype": G.to_dict(self.genotype),
@@ -202,13 +206,14 @@ class Trainer:
         from tqdm import tqdm
         a, m = self.args, self.model
         m.train()
+        distributed.set_epoch([self.train_queue], epoch)
         loss_m, acc_m = utils.AvgMeter(), utils.AvgMeter()
         bar = tqdm(self.train_queue, desc=f"train {epoch + 1}/{a.epochs}", leave=False, dynamic_ncols=True,
                    disable=None)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            logits, logits_aux = m(x)
+            logits, logits_aux = (self.ddp or m)(x)  # DDP averages the gradients across ranks (torchrun)
             loss = self.criterion(logits, y)
             if logits_aux is not None:
                 loss = loss + a.auxiliary_weight * self.criterion(logits_aux, y)
@@ -222,7 +227,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{acc_m.avg:.1f}")
             if control.stop_requested:
                 break
-        return {"train_loss": loss_m.avg, "train_acc": acc_m.avg}
+        return distributed.average_metrics({"train_loss": loss_m.avg, "train_acc": acc_m.avg}, acc_m.n)
 
     @torch.no_grad()
     def evaluate(self, queue, prefix: str) -> Dict[str, float]:
@@ -238,7 +243,7 @@ class Trainer:
         out = {f"{prefix}_loss": loss_m.avg, f"{prefix}_acc": top1.avg}
         if self.info.num_classes > 10:
             out[f"{prefix}_acc_top5"] = top5.avg
-        return out
+        return distributed.average_metrics(out, top1.n)
 
     def run(self, tracker: utils.Tracker, control: RunControl) -> Dict[str, Any]:
         a, log = self.args, self.log
@@ -253,10 +258,10 @@ class Trainer:
             with utils.autocast(self.device, a.amp):
                 row.update(self.train_epoch(epoch, control))
             if control.stop_requested:
-                log.info(f"stopped by {control.signal_name} during epoch {epoch + 1}; the checkpoint of epoch "
-                         f"{epoch} is intact: resume with --resume {self.run_dir}")
+                log.info(utils.stopped_message(control.signal_name, epoch, self.run_dir))
                 return {"stopped": True}
             self.scheduler.step()
+            distributed.check_same(list(self.model.parameters()), "weights")  # torchrun: ranks must agree
             if self.valid_queue is not None:
                 with utils.autocast(self.device, a.amp):
                     row.update(self.evaluate(self.valid_queue, "valid"))
@@ -264,6 +269,8 @@ class Trainer:
                 row.update(self.evaluate(self.test_queue, "test"))
             self.wall_s += time.time() - t0
             row["epoch_s"] = time.time() - t0
+            if not distributed.is_main():  # torchrun: only rank 0 writes files
+                continue
             utils.append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), row)
             tracker.log(row, step=epoch + 1)
             weights = {"model": self.model.state_dict(), "genotype": G.to_dict(self.genotype)}
@@ -294,9 +301,10 @@ def run(args: argparse.Namespace, explicit: set) -> int:
     resolve(args)
     if args.report:
         return report(args)
+    distributed.init(args.device, args.dist_timeout)  # a no-op without torchrun
     run_dir = utils.make_run_dir(args, SCRIPT)
     with utils.discard_on_error(run_dir):  # bad input found while setting up leaves no run folder behind
-        log = utils.setup_logging(run_dir)
+        log = utils.setup_logging(run_dir, distributed.rank())
         trainer = Trainer(args, run_dir, ckpt, explicit, log)
     if ckpt is not None:
         utils.resume_bookkeeping(log, run_dir, ckpt, args, explicit)
@@ -314,7 +322,8 @@ def run(args: argparse.Namespace, explicit: set) -> int:
                "test_acc": last.get("test_acc"), "seed": args.seed, "wall_s": trainer.wall_s,
                "epochs": args.epochs, "genotype": G.to_dict(trainer.genotype),
                "best_valid_acc": trainer.best_valid_acc if args.valid_portion else None}
-    utils.atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+    if distributed.is_main():
+        utils.atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
     tracker.summary({k: v for k, v in summary.items() if k != "genotype"})
     tracker.finish()
     log.info(f"final test_acc {summary['test_acc']:.2f} %, params {rep.params:,}, energy {rep.energy_mj:.4f} mJ "

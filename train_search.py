@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import distributed
 import genotypes as G
 import utils
 from architect import Architect
@@ -140,17 +141,24 @@ def cell_stats(genotype, alphas: Dict[str, Any]) -> Dict[str, float]:
             "alpha_entropy": entropy}
 
 
-def weight_step(model, params, optimizer, x, y, grad_clip: float, check=lambda value, what: None):
+def weight_step(model, params, optimizer, x, y, grad_clip: float, check=lambda value, what: None, ddp=None):
     """One SGD step of the supernet's weights on a training batch; returns (logits, loss).
 
     Gradients are taken for the weights only (the alphas' gradient is not needed here, which saves backward
-    work); `check(value, what)` sees the loss and the gradient norm before the step is taken."""
-    logits, _ = model(x)
+    work); `check(value, what)` sees the loss and the gradient norm before the step is taken. `ddp`: the model
+    wrapped in DistributedDataParallel (torchrun), whose reducer averages the gradients across ranks."""
+    logits, _ = (ddp or model)(x)
     loss = F.cross_entropy(logits, y)
     check(loss.item(), "training loss")
-    grads = torch.autograd.grad(loss, params)
-    for p, g in zip(params, grads):
-        p.grad = g
+    if ddp is None:
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+    else:  # autograd.grad would bypass DDP's reducer: backward() through it instead
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for a in model.arch_parameters():
+            a.grad = None  # the architect computes the alphas' own gradients
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     check(float(norm), "weight gradient")
     optimizer.step()
@@ -163,8 +171,8 @@ class Search:
     def __init__(self, args: argparse.Namespace, run_dir: str, ckpt: Optional[Dict[str, Any]], explicit: set,
                  log) -> None:
         self.args, self.run_dir, self.log = args, run_dir, log
-        self.device = utils.resolve_device(args.device, args.gpu)
-        utils.set_seed(args.seed)
+        self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
+        utils.set_seed(args.seed)  # the same seed on every rank: identical initial weights and alphas
         self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
         train_data, self.info = load_dataset(args.dataset, args.data, train=True)
         self.train_queue, self.valid_queue = search_loaders(train_data, args, self.device)
@@ -176,13 +184,15 @@ class Search:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, args.epochs,
                                                                     eta_min=args.learning_rate_min)
         self.architect = Architect(self.model, args.arch_learning_rate, args.arch_weight_decay, args.momentum,
-                                   args.weight_decay, args.task_weight, args.energy_weight, args.unrolled)
+                                   args.weight_decay, args.task_weight, args.energy_weight, args.unrolled,
+                                   grad_hook=distributed.average_ if distributed.enabled() else None)
         self.stopper = CollapseStopper(patience=args.patience) if args.early_stop else None
         self.budget = BudgetController(args.energy_budget, args.budget_rate) if args.energy_budget else None
         self._energy_cache: Dict[Any, float] = {}
         self.start_epoch, self.best_valid_acc, self.wandb_id, self.pending_rng = 0, 0.0, None, None
         if ckpt is not None:
             self.restore(ckpt, explicit)
+        self.ddp = distributed.wrap(self.model, self.device)  # None without torchrun
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def space(self) -> Dict[str, Any]:
@@ -227,6 +237,7 @@ class Search:
         m.train()
         loss_m, acc_m = utils.AvgMeter(), utils.AvgMeter()
         params = m.weight_parameters()
+        distributed.set_epoch([self.train_queue, self.valid_queue], epoch)
         valid_iter = iter(self.valid_queue)
         bar = tqdm(self.train_queue, desc=f"search {epoch + 1}/{a.epochs}", leave=False, dynamic_ncols=True,
                    disable=None)
@@ -244,14 +255,15 @@ class Search:
                 arch_loss = self.architect.step(x, y, xv, yv, lr, self.optimizer)
                 control.check_finite(arch_loss, "architecture loss", epoch, step)
             logits, loss = weight_step(m, params, self.optimizer, x, y, a.grad_clip,
-                                       lambda value, what: control.check_finite(value, what, epoch, step))
+                                       lambda value, what: control.check_finite(value, what, epoch, step),
+                                       ddp=self.ddp)
             acc, = utils.accuracy(logits.detach(), y)
             loss_m.update(loss.item(), y.size(0))
             acc_m.update(acc, y.size(0))
             bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{acc_m.avg:.1f}")
             if control.stop_requested:
                 break
-        return {"train_loss": loss_m.avg, "train_acc": acc_m.avg}
+        return distributed.average_metrics({"train_loss": loss_m.avg, "train_acc": acc_m.avg}, acc_m.n)
 
     @torch.no_grad()
     def infer(self) -> Dict[str, float]:
@@ -264,7 +276,8 @@ class Search:
             logits, energy = m(x)
             loss_m.update(F.cross_entropy(logits, y).item(), y.size(0))
             acc_m.update(utils.accuracy(logits, y)[0], y.size(0))
-        return {"valid_loss": loss_m.avg, "valid_acc": acc_m.avg, "expected_energy_mj": 1e3 * float(energy),
+        return {**distributed.average_metrics({"valid_loss": loss_m.avg, "valid_acc": acc_m.avg}, acc_m.n),
+                "expected_energy_mj": 1e3 * float(energy),
                 "energy_normalized": float(self.architect.normalized_energy(energy))}
 
     def guarded(self):
@@ -310,9 +323,10 @@ class Search:
             with utils.autocast(self.device, a.amp):
                 row.update(self.train_epoch(epoch, lr, control))
             if control.stop_requested:
-                log.info(f"stopped by {control.signal_name} during epoch {epoch + 1}; the checkpoint of epoch "
-                         f"{epoch} is intact: resume with --resume {self.run_dir}")
+                log.info(utils.stopped_message(control.signal_name, epoch, self.run_dir))
                 return {"stopped": True}
+            distributed.check_same(self.model.arch_parameters() + self.model.weight_parameters(),
+                                   "alphas and weights")  # torchrun: a divergence of the ranks stops the run
             with utils.autocast(self.device, a.amp):
                 row.update(self.infer())
             self.scheduler.step()
@@ -329,8 +343,9 @@ class Search:
             row.update(cell_stats(genotype, alphas))
             row["epoch_s"] = time.time() - t0
             self.best_valid_acc = max(self.best_valid_acc, row["valid_acc"])
-            self.write_epoch(row, genotype, alphas, tracker)
-            utils.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), SCRIPT, self.state(epoch))
+            if distributed.is_main():  # torchrun: only rank 0 writes files
+                self.write_epoch(row, genotype, alphas, tracker)
+                utils.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), SCRIPT, self.state(epoch))
             log.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.4g} train_acc {row['train_acc']:.2f} valid_acc "
                      f"{row['valid_acc']:.2f} expected_energy {row['expected_energy_mj']:.4f} mJ genotype_energy "
                      f"{row['genotype_energy_mj']:.4f} mJ | normal: {row['normal_parametric']} parametric, "
@@ -345,7 +360,8 @@ class Search:
                 if self.stopper.update(epoch + 1, unguarded, kept, self.ranking()):
                     genotype, kept_row = self.stopper.result
                     log.info(self.stopper.reason)
-                    self.write_genotype(genotype, {**kept_row, "early_stop": self.stopper.reason})
+                    if distributed.is_main():
+                        self.write_genotype(genotype, {**kept_row, "early_stop": self.stopper.reason})
                     break
         return {"stopped": False, "genotype": genotype}
 
@@ -401,9 +417,10 @@ def run(args: argparse.Namespace, explicit: set) -> int:
         ckpt = utils.load_checkpoint(args.resume, SCRIPT)
         args = utils.merge_resumed_args(ckpt["args"], args, explicit)
     resolve(args)
+    distributed.init(args.device, args.dist_timeout)  # a no-op without torchrun
     run_dir = utils.make_run_dir(args, SCRIPT)
     with utils.discard_on_error(run_dir):  # bad input found while setting up leaves no run folder behind
-        log = utils.setup_logging(run_dir)
+        log = utils.setup_logging(run_dir, distributed.rank())
         search = Search(args, run_dir, ckpt, explicit, log)
     if ckpt is not None:
         utils.resume_bookkeeping(log, run_dir, ckpt, args, explicit)

@@ -21,6 +21,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
+import distributed
+
 # ----------------------------------------------------------------------------------------------- safe writes
 
 
@@ -120,6 +122,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="deployment batch size of the energy estimates (default: the energy model's, 1)")
     p.add_argument("--workers", type=nonneg_int, default=None, help="data-loader workers (default 0 for digits)")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
+    distributed.add_args(p)
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -237,6 +240,8 @@ def make_run_dir(args: argparse.Namespace, script: str) -> str:
     if not args.run_name:
         args.run_name = f"{script}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(args.log_dir, args.run_name)
+    if not distributed.is_main():  # torchrun: only rank 0 creates and writes the run folder
+        return run_dir
     created = _first_missing(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -286,10 +291,21 @@ def resume_bookkeeping(log: logging.Logger, run_dir: str, ckpt: Dict[str, Any], 
     saved = ckpt["args"]
     overridden = [f"{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in sorted(explicit)
                   if k in saved and k != "resume" and saved[k] != getattr(args, k, None)]
-    dropped = truncate_history(run_dir, ckpt["epoch"] + 1)
+    dropped = truncate_history(run_dir, ckpt["epoch"] + 1) if distributed.is_main() else 0
+    for name in os.listdir(run_dir) if distributed.is_main() else []:  # temp files of interrupted atomic writes
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(run_dir, name))
     log.info(f"resumed {run_dir} after epoch {ckpt['epoch'] + 1}"
              + (f"; overriding {', '.join(overridden)}" if overridden else "; no overrides (exact resume)")
              + (f"; dropped {dropped} row(s) logged after that checkpoint" if dropped else ""))
+
+
+def stopped_message(signal_name: str, epoch: int, run_dir: str) -> str:
+    """What a run stopped by a signal during `epoch` (0-based) logs: whether and how it can be resumed."""
+    if epoch == 0:
+        return f"stopped by {signal_name} during epoch 1, before any checkpoint: start it again to run it"
+    return (f"stopped by {signal_name} during epoch {epoch + 1}; the checkpoint of epoch {epoch} is intact: "
+            f"resume with --resume {run_dir}")
 
 
 def truncate_history(run_dir: str, last_epoch: int) -> int:
@@ -490,7 +506,10 @@ def load_checkpoint(path: str, kind: str) -> Dict[str, Any]:
 
 def start_run(args: argparse.Namespace, run_dir: str, device: torch.device, estimator, wandb_id: Optional[str],
               log: logging.Logger, project: str = "energy-aware-darts") -> "Tracker":
-    """Write args.json and env.json into the run folder and open the wandb run (resumed if `wandb_id`)."""
+    """Write args.json and env.json into the run folder and open the wandb run (resumed if `wandb_id`);
+    under torchrun only rank 0 does (the other ranks get a disabled tracker)."""
+    if not distributed.is_main():
+        return Tracker("disabled", run_dir, {}, project, args.run_name)
     atomic_write_json(os.path.join(run_dir, "args.json"), vars(args))
     atomic_write_json(os.path.join(run_dir, "env.json"), environment(device, args.energy_model, estimator))
     log.info(f"args = {vars(args)}")

@@ -1,0 +1,126 @@
+"""Guards against skip/pool collapse: derivation caps, early stop, energy budget, warm-up (issue 9)."""
+import logging
+
+import pytest
+import torch
+
+import genotypes as G
+import train_search
+from model_search import Network, derive, guard_derivation
+from search_control import BudgetController, CollapseStopper
+from utils import RunControl
+
+PRIMS = G.PRIMITIVE_SETS["darts"]  # none, max_pool, avg_pool, skip, sep3, sep5, dil3, dil5
+IDX = {p: k for k, p in enumerate(PRIMS)}
+
+
+def collapsed_weights():
+    """14 edges: skip_connect strongest everywhere (skip weight rising with the edge index), a different
+    parametric op second on each edge, so the replacement op is known."""
+    rows, second = [], ["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+    for e in range(14):
+        w = [0.02] * len(PRIMS)
+        w[IDX["skip_connect"]] = 0.5 + 0.01 * e
+        w[IDX["max_pool_3x3"]] = 0.2 + 0.005 * e  # a pool beats every parametric op: "next best" must be parametric
+        w[IDX[second[e % 4]]] = 0.1
+        rows.append(w)
+    return rows
+
+
+def test_max_skip_rewrites_collapsed_cell_with_next_best_parametric_ops():
+    w = collapsed_weights()
+    plain = derive(w, PRIMS, 4)
+    assert [op for op, _ in plain] == ["skip_connect"] * 8
+    actions = []
+    guarded = guard_derivation(w, PRIMS, plain, 4, max_skip=2, min_parametric=2, actions=actions)
+    assert sum(op == "skip_connect" for op, _ in guarded) == 2
+    assert [j for _, j in guarded] == [j for _, j in plain]  # same 2 inputs per node
+    # the two strongest skips (highest edges: node 5) survive; every other edge takes its best parametric op
+    assert guarded[6][0] == guarded[7][0] == "skip_connect"
+    starts = [0, 2, 5, 9]
+    for pos in range(6):
+        edge = starts[pos // 2] + guarded[pos][1]
+        assert guarded[pos][0] == ["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"][edge % 4]
+    assert len(actions) == 6 and actions[0].startswith("max_skip replaced skip_connect on edge (node 2, input")
+
+
+def test_min_parametric_stops_pools_filling_the_cell_and_defaults_are_darts():
+    w = collapsed_weights()
+    for row in w:
+        row[IDX["skip_connect"]] = 0.01
+    plain = derive(w, PRIMS, 4)
+    assert all(op == "max_pool_3x3" for op, _ in plain)
+    assert guard_derivation(w, PRIMS, plain, 4) == plain  # guards off: DARTS as is
+    guarded = guard_derivation(w, PRIMS, plain, 4, max_skip=2, min_parametric=2)
+    assert sum(op.startswith(("sep", "dil")) for op, _ in guarded) == 2
+    net = Network(4, 10, 3, PRIMS, in_channels=1)
+    with torch.no_grad():
+        net.alphas_normal.copy_(torch.tensor(w).log())
+    assert net.genotype().normal == plain
+    actions = []
+    assert net.genotype(2, 2, actions).normal == guarded and len(actions) == 2
+
+
+def geno(skips: int, tag: str = "a"):
+    normal = [("skip_connect", 0)] * skips + [("sep_conv_3x3", 1)] * (8 - skips)
+    return G.Genotype(normal, [2, 3, 4, 5], [(f"max_pool_3x3", 0)] * 8, [2, 3, 4, 5]), tag
+
+
+def test_early_stop_fires_on_collapse_and_keeps_last_healthy_genotype():
+    stop = CollapseStopper()
+    seq = [geno(1, "e1"), geno(2, "e2"), geno(3, "e3"), geno(2, "e4"), geno(4, "e5"), geno(5, "e6"), geno(6, "e7")]
+    fired = None
+    for epoch, (g, tag) in enumerate(seq, 1):
+        if stop.update(epoch, g, result=tag, ranking=epoch):
+            fired = epoch
+            break
+    assert fired == 6 and stop.result == "e4" and stop.result_epoch == 4  # a one-epoch blip (e3) does not stop
+    assert "more than 2 skip_connects" in stop.reason
+
+
+def test_early_stop_on_stable_ranking():
+    stop = CollapseStopper(patience=2)
+    g, _ = geno(0)
+    assert not stop.update(1, g, ranking="r1")
+    assert not stop.update(2, g, ranking="r2")
+    assert not stop.update(3, g, ranking="r2")
+    assert stop.update(4, g, result="kept", ranking="r2") and stop.result == "kept" and "stable" in stop.reason
+
+
+def test_budget_multiplier_rises_over_budget_and_falls_to_zero_under():
+    b = BudgetController(0.4, rate=0.1)
+    for _ in range(5):
+        b.update(0.8)
+    assert b.lam == pytest.approx(0.5)
+    b.update(0.2)
+    assert b.lam == pytest.approx(0.45)
+    for _ in range(20):
+        b.update(0.2)
+    assert b.lam == 0.0 and b.within(0.43) and not b.within(0.5)
+
+
+def test_warmup_leaves_alphas_and_adam_untouched(tmp_path):
+    _, args, explicit = train_search.parse_args(
+        ["--dataset", "digits", "--epochs", "3", "--warmup_epochs", "1", "--layers", "3", "--init_channels", "4",
+         "--train_portion", "0.05", "--batch_size", "32", "--eval_channels", "4", "--eval_layers", "3",
+         "--log_dir", str(tmp_path), "--run_name", "w", "--wandb", "disabled", "--primitives",
+         "none,max_pool_3x3,skip_connect,sep_conv_3x3"])
+    train_search.resolve(args)
+    search = train_search.Search(args, str(tmp_path), None, explicit, logging.getLogger("test_guards"))
+    before = [a.detach().clone() for a in search.model.arch_parameters()]
+    control = RunControl()
+    search.train_epoch(0, 0.01, control)  # warm-up epoch
+    assert all(torch.equal(a, b) for a, b in zip(search.model.arch_parameters(), before))
+    assert len(search.architect.optimizer.state) == 0
+    assert search.energy_scale(0) == 0.0 and search.energy_scale(1) == 1.0
+    search.train_epoch(1, 0.01, control)  # first searching epoch
+    assert not all(torch.equal(a, b) for a, b in zip(search.model.arch_parameters(), before))
+
+
+def test_guard_flags_are_checked():
+    _, args, _ = train_search.parse_args(["--dataset", "digits", "--epochs", "2", "--warmup_epochs", "2"])
+    with pytest.raises(train_search.utils.CLIError):
+        train_search.resolve(args)
+    _, args, _ = train_search.parse_args(["--dataset", "digits", "--max_skip", "2"])
+    train_search.resolve(args)
+    assert args.min_parametric == 2

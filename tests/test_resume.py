@@ -1,0 +1,163 @@
+"""Never lose a run: SIGKILL + --resume is bit-identical to an uninterrupted run (search and training), a kill
+during a checkpoint write loses nothing, overrides beside --resume apply, and a NaN stops cleanly (exit 3)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import ROOT, run_script
+
+TIMING = {"epoch_s", "wall_s"}
+ENV = {"OMP_NUM_THREADS": "1"}  # the same thread count in every run of a comparison
+# Tiny on purpose (the whole file must stay within ~150 s on 2 cores): 3 layers, 4 channels, 4 candidate ops.
+SEARCH = ["train_search.py", "--dataset", "digits", "--layers", "3", "--epochs", "3", "--seed", "0",
+          "--wandb", "disabled", "--init_channels", "4", "--primitives", "none,max_pool_3x3,skip_connect,sep_conv_3x3",
+          "--eval_channels", "8", "--eval_layers", "3", "--batch_size", "96"]
+TRAIN = ["train.py", "--dataset", "digits", "--arch", "DARTS_V2", "--layers", "3", "--init_channels", "8",
+         "--seed", "0", "--wandb", "disabled", "--batch_size", "128"]
+
+
+def rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def ckpt(run_dir, kind):
+    return utils.load_checkpoint(run_dir, kind)
+
+
+def start(cmd, log_dir, name):
+    return subprocess.Popen([sys.executable, *cmd, "--log_dir", str(log_dir), "--run_name", name], cwd=ROOT,
+                            env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_after(proc, run_dir, k, timeout=300):
+    """SIGKILL `proc` as soon as metrics.jsonl has k rows (the checkpoint of epoch k may or may not be written)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(path) and len(open(path).read().splitlines()) >= k:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out waiting for the epoch")
+
+
+def killed_and_resumed(cmd, tmp_path, kind):
+    """An uninterrupted run and one SIGKILLed after epoch 2 then resumed, side by side (in parallel)."""
+    full = start(cmd, tmp_path, "full")
+    part = start(cmd, tmp_path, "part")
+    kill_after(part, tmp_path / "part", 2)
+    assert part.returncode == -signal.SIGKILL
+    assert full.wait(timeout=600) == 0, full.stderr.read()[-2000:]
+    res = run_script(*cmd[:1], "--resume", str(tmp_path / "part"), env=ENV, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no overrides (exact resume)" in open(tmp_path / "part" / "log.txt").read()
+    return tmp_path / "full", tmp_path / "part"
+
+
+@pytest.mark.slow
+def test_search_sigkill_resume_is_bit_identical(tmp_path):
+    full, part = killed_and_resumed(SEARCH, tmp_path, "search")
+    assert rows(full) == rows(part) and len(rows(part)) == 3  # no duplicate rows after the resume
+    a_full, a_part = (json.load(open(d / "alphas.json")) for d in (full, part))
+    assert [a["epoch"] for a in a_part] == [1, 2, 3] and a_full == a_part
+    g_full, g_part = (json.load(open(d / "genotype.json")) for d in (full, part))
+    for key in ("normal", "normal_concat", "reduce", "reduce_concat"):
+        assert g_full[key] == g_part[key]
+    c_full, c_part = ckpt(full, "search"), ckpt(part, "search")
+    for name in ("alphas_normal", "alphas_reduce"):
+        assert torch.equal(c_full["model"][name], c_part["model"][name])
+    assert all(torch.equal(c_full["model"][k], v) for k, v in c_part["model"].items())
+
+
+@pytest.mark.slow
+def test_train_sigkill_resume_is_bit_identical(tmp_path):
+    full, part = killed_and_resumed(TRAIN + ["--epochs", "3"], tmp_path, "train")
+    assert rows(full) == rows(part) and len(rows(part)) == 3
+    c_full, c_part = ckpt(full, "train"), ckpt(part, "train")
+    assert all(torch.equal(c_full["model"][k], v) for k, v in c_part["model"].items())
+    s_full, s_part = (json.load(open(d / "summary.json")) for d in (full, part))
+    assert s_full["test_acc"] == s_part["test_acc"]
+
+
+@pytest.mark.slow
+def test_train_extend_then_nan_then_resume(tmp_path):
+    run = tmp_path / "t"
+    res = run_script(*TRAIN, "--epochs", "2", "--log_dir", str(tmp_path), "--run_name", "t", env=ENV, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # A kill between an epoch's metrics row and its checkpoint leaves a row the resume must drop.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3, "train_acc": -1.0}) + "\n")
+    res = run_script("train.py", "--resume", str(run), "--epochs", "3", env=ENV, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3] and rows(run)[2]["train_acc"] >= 0
+    log = open(run / "log.txt").read()
+    assert "overriding epochs 2 -> 3" in log and "dropped 1 row" in log
+    assert json.load(open(run / "summary.json"))["epochs"] == 3
+    # NaN: an absurd learning rate on resume stops at once, exit 3, one line, the checkpoint untouched.
+    before = open(run / "checkpoint.pt", "rb").read()
+    res = run_script("train.py", "--resume", str(run), "--epochs", "4", "--learning_rate", "1e20", env=ENV,
+                     timeout=600)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert "non-finite" in line and "epoch 4" in line and "step" in line
+    assert open(run / "checkpoint.pt", "rb").read() == before
+    res = run_script("train.py", "--resume", str(run), "--epochs", "4", "--learning_rate", "0.01", env=ENV,
+                     timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3, 4] and rows(run)[3]["lr"] <= 0.01
+
+
+@pytest.mark.slow
+def test_search_nan_from_the_start_exits_3(tmp_path):
+    res = run_script(*SEARCH, "--epochs", "1", "--learning_rate", "1e12", "--log_dir", str(tmp_path),
+                     "--run_name", "n", env=ENV, timeout=600)
+    assert res.returncode == 3 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.count("error:") == 1 and "non-finite" in line and "epoch 1, step" in line
+
+
+def test_failed_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    utils.save_checkpoint(path, "search", {"epoch": 0, "w": torch.arange(5)})
+
+    def boom(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(utils.os, "replace", boom)
+    with pytest.raises(OSError):
+        utils.save_checkpoint(path, "search", {"epoch": 1, "w": torch.zeros(5)})
+    monkeypatch.undo()
+    c = utils.load_checkpoint(str(tmp_path), "search")
+    assert c["epoch"] == 0 and torch.equal(c["w"], torch.arange(5))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # the temp file was removed
+
+
+def test_sigkill_between_temp_write_and_rename_loses_nothing(tmp_path):
+    """A child writes a checkpoint, then is SIGKILLed inside the second save just before the rename."""
+    code = f"""
+import os, signal, torch, utils
+path = {str(tmp_path / 'checkpoint.pt')!r}
+utils.save_checkpoint(path, "train", {{"epoch": 0, "w": torch.ones(3)}})
+def die(src, dst):
+    assert os.path.getsize(src) > 0  # the new checkpoint is fully written to the temp file
+    os.kill(os.getpid(), signal.SIGKILL)
+utils.os.replace = die
+utils.save_checkpoint(path, "train", {{"epoch": 1, "w": torch.zeros(3)}})
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    left = sorted(os.listdir(tmp_path))
+    assert "checkpoint.pt" in left and len(left) == 2 and left[0].startswith(".checkpoint.pt.")  # the orphan temp
+    c = utils.load_checkpoint(str(tmp_path), "train")  # the folder resolves to checkpoint.pt, never the temp
+    assert c["epoch"] == 0 and torch.equal(c["w"], torch.ones(3))
