@@ -119,6 +119,7 @@ class Architect:
             return [torch.zeros_like(a) for a in self.model.arch_parameters()]
         R = r / norm
         arch = self.model.arch_parameters()
+        saved = [p.detach().clone() for p in params] if self.grad_hook is not None else None
 
         def grad_alpha() -> List[torch.Tensor]:
             logits, _ = self.model(x)
@@ -136,4 +137,7 @@ class Architect:
         with torch.no_grad():
             for p, v in zip(params, vector):
                 p.add_(R * v)
+            if self.grad_hook is not None:  # torchrun: w + Rv - 2Rv + Rv rounds differently on each rank (v is
+                for p, w in zip(params, saved):  # per rank), so put the exact shared weights back
+                    p.copy_(w)
         return [(gp - gn) / (2 * R) for gp, gn in zip(grads_p, grads_n)]

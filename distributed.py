@@ -25,7 +25,8 @@ class DivergenceError(RuntimeError):
 
 def add_args(p) -> None:
     """The one flag of distributed runs (torchrun sets the rest through RANK / WORLD_SIZE / LOCAL_RANK)."""
-    p.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    from utils import positive_float  # lazy: utils imports this module
+    p.add_argument("--dist_timeout", type=positive_float, default=DEFAULT_TIMEOUT_S,
                    help="under torchrun: seconds a rank waits for the others before the job fails (a dead rank)")
 
 

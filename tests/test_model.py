@@ -56,7 +56,7 @@ def test_drop_path_is_used_in_training_only():
 @pytest.mark.parametrize("in_ch, size, feat", [(3, 32, 8), (1, 8, 2), (1, 28, 7)])
 def test_auxiliary_head_shapes_and_training_only(in_ch, size, feat):
     torch.manual_seed(0)
-    net = build_network(G.DARTS_V2, 4, 7, 6, auxiliary=True, in_channels=in_ch, image_size=size)
+    net = build_network(G.DARTS_V2, 4, 7, 3, auxiliary=True, in_channels=in_ch, image_size=size)
     x = torch.randn(2, in_ch, size, size)
     net.train()
     logits, aux = net(x)

@@ -81,7 +81,8 @@ def test_report_json_and_measured_energy(tmp_path):
 
 @pytest.mark.skipif(os.path.isdir("/sys/class/powercap/intel-rapl:0"), reason="this machine has a RAPL counter")
 def test_measure_without_counter_or_watts_is_one_error():
-    res = run_script("train.py", "--arch", "DARTS_V2", "--report", "--measure_energy")
+    res = run_script("train.py", "--arch", "DARTS_V2", "--report", "--measure_energy", "--init_channels", "4",
+                     "--layers", "3")
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stdout == ""
     assert "--watts" in res.stderr.strip().splitlines()[-1]
 
