@@ -31,6 +31,7 @@ from datasets import known_info  # noqa: E402
 from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
+from operations import ChannelsLastOnCPU  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [
@@ -63,6 +64,7 @@ class Runner:
                            for _ in range(2))
 
     def step(self) -> None:
+        ChannelsLastOnCPU.fast_layout = self.cfg["fast"]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.cfg["fast"]:
                 self.arch.step(self.x, self.y, self.xv, self.yv, 0.025, self.opt)

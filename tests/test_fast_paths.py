@@ -79,3 +79,22 @@ def test_bf16_autocast_stays_close_to_fp32():
             low, e_low = net(x)
     torch.testing.assert_close(low.float(), ref, rtol=5e-2, atol=1e-1)
     torch.testing.assert_close(e_low.float(), e_ref.float(), rtol=1e-2, atol=0)
+
+
+def test_channels_last_layers_equal_the_default_layout():
+    """Depthwise convs and max pools run in channels_last on the CPU: same outputs and gradients."""
+    from operations import ChannelsLastOnCPU
+    results = []
+    for fast in (True, False):
+        ChannelsLastOnCPU.fast_layout = fast
+        try:
+            net, x, y = make()
+            logits, energy = net(x)
+            loss = F.cross_entropy(logits, y) + energy
+            grads = torch.autograd.grad(loss, list(net.parameters()))
+            results.append((logits.detach(), grads))
+        finally:
+            ChannelsLastOnCPU.fast_layout = True
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
