@@ -294,29 +294,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace, explicit: set) -> int:
-    ckpt = None
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume, SCRIPT)
-        args = utils.merge_resumed_args(ckpt["args"], args, explicit)
+    ckpt, args = utils.restored_args(args, explicit, SCRIPT)
     resolve(args)
     if args.report:
         return report(args)
-    distributed.init(args.device, args.dist_timeout)  # a no-op without torchrun
-    run_dir = utils.make_run_dir(args, SCRIPT)
-    with utils.discard_on_error(run_dir):  # bad input found while setting up leaves no run folder behind
-        log = utils.setup_logging(run_dir, distributed.rank())
-        trainer = Trainer(args, run_dir, ckpt, explicit, log)
-    if ckpt is not None:
-        utils.resume_bookkeeping(log, run_dir, ckpt, args, explicit)
-    tracker = utils.start_run(args, run_dir, trainer.device, trainer.estimator, trainer.wandb_id, log)
-    trainer.wandb_id = tracker.run_id
+    trainer, run_dir, log, tracker = utils.open_run(args, explicit, SCRIPT, ckpt,
+                                                    lambda d, lg: Trainer(args, d, ckpt, explicit, lg))
     rep = trainer.report
     log.info(f"genotype = {trainer.genotype}\n{rep.text()}")
-    with RunControl() as control:
-        result = trainer.run(tracker, control)
-    if result["stopped"]:
-        tracker.finish()
-        return 128 + control.signal_number
+    result, status = utils.run_epochs(trainer, tracker)
+    if status:
+        return status
     last = result["last"]
     summary = {"params": rep.params, "macs": rep.macs, "energy_mj": rep.energy_mj,
                "test_acc": last.get("test_acc"), "seed": args.seed, "wall_s": trainer.wall_s,

@@ -412,26 +412,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace, explicit: set) -> int:
-    ckpt = None
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume, SCRIPT)
-        args = utils.merge_resumed_args(ckpt["args"], args, explicit)
+    ckpt, args = utils.restored_args(args, explicit, SCRIPT)
     resolve(args)
-    distributed.init(args.device, args.dist_timeout)  # a no-op without torchrun
-    run_dir = utils.make_run_dir(args, SCRIPT)
-    with utils.discard_on_error(run_dir):  # bad input found while setting up leaves no run folder behind
-        log = utils.setup_logging(run_dir, distributed.rank())
-        search = Search(args, run_dir, ckpt, explicit, log)
-    if ckpt is not None:
-        utils.resume_bookkeeping(log, run_dir, ckpt, args, explicit)
-    tracker = utils.start_run(args, run_dir, search.device, search.estimator, search.wandb_id, log)
-    search.wandb_id = tracker.run_id
+    search, run_dir, log, tracker = utils.open_run(args, explicit, SCRIPT, ckpt,
+                                                   lambda d, lg: Search(args, d, ckpt, explicit, lg))
     t0 = time.time()
-    with RunControl() as control:
-        result = search.run(tracker, control)
-    if result["stopped"]:
-        tracker.finish()
-        return 128 + control.signal_number
+    result, status = utils.run_epochs(search, tracker)
+    if status:
+        return status
     genotype = result["genotype"]
     report = network_report(build_network(genotype, args.eval_channels, search.info.num_classes, args.eval_layers,
                                           False, search.info.in_channels, search.info.image_size),

@@ -516,6 +516,40 @@ def start_run(args: argparse.Namespace, run_dir: str, device: torch.device, esti
     return Tracker(wandb_mode(args.wandb), run_dir, vars(args), project, args.run_name, run_id=wandb_id, log=log)
 
 
+def restored_args(args: argparse.Namespace, explicit: set, script: str):
+    """With --resume: the checkpoint and its flags, overridden by those given explicitly; else (None, args)."""
+    if not args.resume:
+        return None, args
+    ckpt = load_checkpoint(args.resume, script)
+    return ckpt, merge_resumed_args(ckpt["args"], args, explicit)
+
+
+def open_run(args: argparse.Namespace, explicit: set, script: str, ckpt: Optional[Dict[str, Any]], make):
+    """Start the process group (torchrun), the run folder, the log, the script's runner `make(run_dir, log)` (with
+    .device, .estimator, .wandb_id) and the tracker; returns (runner, run_dir, log, tracker)."""
+    import distributed
+    distributed.init(args.device, args.dist_timeout)  # a no-op without torchrun
+    run_dir = make_run_dir(args, script)
+    with discard_on_error(run_dir):  # bad input found while setting up leaves no run folder behind
+        log = setup_logging(run_dir, distributed.rank())
+        runner = make(run_dir, log)
+    if ckpt is not None:
+        resume_bookkeeping(log, run_dir, ckpt, args, explicit)
+    tracker = start_run(args, run_dir, runner.device, runner.estimator, runner.wandb_id, log)
+    runner.wandb_id = tracker.run_id
+    return runner, run_dir, log, tracker
+
+
+def run_epochs(runner, tracker: "Tracker") -> Tuple[Dict[str, Any], int]:
+    """runner.run under SIGINT/SIGTERM control; returns (result, exit status: 128 + signal when stopped)."""
+    with RunControl() as control:
+        result = runner.run(tracker, control)
+    if result["stopped"]:
+        tracker.finish()
+        return result, 128 + control.signal_number
+    return result, 0
+
+
 def guarded_main(parser: argparse.ArgumentParser, run, args: argparse.Namespace, explicit: set) -> int:
     """Run a script's body; bad input -> usage + one line + exit 2; a non-finite loss -> one line + exit 3."""
     try:
