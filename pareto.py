@@ -27,24 +27,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COLUMNS = ["energy_weight", "seed", "genotype_energy_mj", "params", "macs", "valid_acc", "test_acc", "run"]
 
 
-def floats(text: str) -> List[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r} must list non-negative numbers")
-    return values
+def number_list(cast, what: str):
+    """argparse type: a comma list of non-negative numbers of type `cast`."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {what}") from None
+        if not values or any(v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r} must list non-negative {what}")
+        return values
+    return parse
 
 
-def ints(text: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r} must list non-negative integers")
-    return values
+floats, ints = number_list(float, "numbers"), number_list(int, "integers")
 
 
 def search_finished(run_dir: str) -> bool:

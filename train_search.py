@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from model import build_network, network_report
 from model_search import Network
 from operations import POOLS, is_parametric
 from search_control import BudgetController, CollapseStopper
-from utils import NonFiniteError, RunControl
+from utils import RunControl
 
 SCRIPT = "search"
 

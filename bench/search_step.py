@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +29,7 @@ from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
 from operations import ChannelsLastOnCPU  # noqa: E402
+from timing import interleaved_medians, peak_memory_mb as peak_memory_mb_here  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [
@@ -83,11 +81,6 @@ class Runner:
                 self.opt.step()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_memory_mb(cfg_index: int, args: argparse.Namespace) -> float:
     """Run two steps of one configuration in a fresh process and read its peak memory."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory", str(cfg_index), "--batch_size",
@@ -97,18 +90,6 @@ def peak_memory_mb(cfg_index: int, args: argparse.Namespace) -> float:
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def measure_memory(cfg_index: int, args: argparse.Namespace, device: torch.device) -> float:
-    runner = Runner(CONFIGS[cfg_index], args, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
-        runner.step()
-    sync(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def main() -> int:
@@ -130,27 +111,17 @@ def main() -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args._memory is not None:
-        print(measure_memory(args._memory, args, device))
+        print(peak_memory_mb_here(lambda: Runner(CONFIGS[args._memory], args, device), device))
         return 0
-    from tqdm import tqdm
     chosen = [i for i, c in enumerate(CONFIGS) if args.only is None or c["name"] in args.only.split(",")]
-    runners = {i: Runner(CONFIGS[i], args, device) for i in chosen}
-    times: Dict[int, List[float]] = {i: [] for i in chosen}
-    for it in tqdm(range(args.warmup + args.steps), desc="interleaved steps"):
-        for i in chosen:
-            sync(device)
-            t0 = time.perf_counter()
-            runners[i].step()
-            sync(device)
-            if it >= args.warmup:
-                times[i].append(time.perf_counter() - t0)
-    del runners
+    medians = interleaved_medians([Runner(CONFIGS[i], args, device) for i in chosen], args.steps, args.warmup,
+                                  device)
     rows = []
     for i in chosen:
         c = CONFIGS[i]
         rows.append({"config": c["name"], "energy_weight": c["energy_weight"], "order": c["order"],
                      "partial_channels": c["partial_channels"], "device": args.device, "amp": args.amp,
-                     "step_s": statistics.median(times[i]),
+                     "step_s": medians[chosen.index(i)],
                      "peak_mb": None if args.no_memory else peak_memory_mb(i, args)})
     base = rows[0]
     print(f"\nsearch step: {args.dataset} shape, batch {args.batch_size}, {args.layers} layers, "

@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +24,7 @@ import torch.nn as nn  # noqa: E402
 import genotypes as G  # noqa: E402
 from datasets import known_info  # noqa: E402
 from model import build_network  # noqa: E402
+from timing import interleaved_medians, peak_memory_mb  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [
     {"name": "fp32", "channels_last": False, "amp": False},
@@ -64,11 +62,6 @@ class Runner:
         self.opt.step()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def child_args(args: argparse.Namespace) -> List[str]:
     return ["--batch_size", str(args.batch_size), "--layers", str(args.layers), "--init_channels",
             str(args.init_channels), "--dataset", args.dataset, "--device", args.device, "--arch", args.arch] + (
@@ -95,26 +88,11 @@ def main() -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args._memory is not None:
-        runner = Runner(CONFIGS[args._memory], args, device)
-        for _ in range(2):
-            runner.step()
-        sync(device)
-        print(torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        print(peak_memory_mb(lambda: Runner(CONFIGS[args._memory], args, device), device))
         return 0
-    from tqdm import tqdm
     chosen = [i for i, c in enumerate(CONFIGS) if args.only is None or c["name"] in args.only.split(",")]
-    runners = {i: Runner(CONFIGS[i], args, device) for i in chosen}
-    times: Dict[int, List[float]] = {i: [] for i in chosen}
-    for it in tqdm(range(args.warmup + args.steps), desc="interleaved steps"):
-        for i in chosen:
-            sync(device)
-            t0 = time.perf_counter()
-            runners[i].step()
-            sync(device)
-            if it >= args.warmup:
-                times[i].append(time.perf_counter() - t0)
-    del runners
+    medians = interleaved_medians([Runner(CONFIGS[i], args, device) for i in chosen], args.steps, args.warmup,
+                                  device)
     rows = []
     for i in chosen:
         mem = None
@@ -122,7 +100,7 @@ def main() -> int:
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory", str(i), *child_args(args)],
                                  capture_output=True, text=True, timeout=3600, check=True)
             mem = float(out.stdout.strip().splitlines()[-1])
-        step = statistics.median(times[i])
+        step = medians[chosen.index(i)]
         rows.append({"config": CONFIGS[i]["name"], "device": args.device, "step_s": step,
                      "images_per_s": args.batch_size / step, "peak_mb": mem})
     base = rows[0]
