@@ -1,7 +1,6 @@
 """What both benchmarks share: interleaved timing of configurations and peak memory of one configuration."""
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from typing import Dict, List, Sequence
@@ -29,16 +28,21 @@ def interleaved_medians(runners: Sequence, steps: int, warmup: int, device: torc
     return [statistics.median(times[i]) for i in range(len(runners))]
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+def _status_mb(key: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in MiB. Unlike
+    ru_maxrss, VmHWM starts afresh in an exec'd child instead of inheriting the forking parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def peak_memory_mb(make_runner, device: torch.device, steps: int = 2) -> float:
     """Peak memory of building a runner and taking `steps` steps (call in a fresh process): max allocated on CUDA;
     on the CPU the peak RSS less the RSS before the runner was built (the libraries' own ~0.7 GB would hide the
     differences between configurations)."""
-    base = _rss_mb() if device.type == "cpu" else 0.0
+    base = _status_mb("VmRSS") if device.type == "cpu" else 0.0
     runner = make_runner()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -47,4 +51,4 @@ def peak_memory_mb(make_runner, device: torch.device, steps: int = 2) -> float:
     sync(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base  # Linux reports KiB
+    return _status_mb("VmHWM") - base
