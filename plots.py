@@ -41,7 +41,7 @@ def alpha_heatmaps(alphas: Dict[str, list], primitives: Sequence[str], path: str
     rows = len(alphas["normal"])
     steps = {2: 1, 5: 2, 9: 3, 14: 4, 20: 5}.get(rows, 4)
     for ax, kind in zip(axes, ("normal", "reduce")):
-        im = ax.imshow(alphas[kind], cmap="viridis", aspect="auto", vmin=0.0)
+        im = ax.imshow(alphas[kind], cmap="viridis", aspect="auto")  # own range: early alphas are near-uniform
         ax.set_title(f"{kind} cell")
         ax.set_xticks(range(len(primitives)))
         ax.set_xticklabels(primitives, rotation=45, ha="right")
@@ -69,6 +69,7 @@ def curves(rows: List[dict], path: str, panels: Sequence[Tuple[str, Sequence[str
                 ax.plot(epochs, values, marker="o", ms=3, label=key)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -112,7 +113,7 @@ def pareto_plot(rows: List[dict], path: str, acc_key: str, title: str = "") -> s
                and r.get(acc_key) is not None]
         if not pts:
             continue
-        color = cmap(k / max(1, len(weights) - 1))
+        color = cmap(0.85 * k / max(1, len(weights) - 1))  # stop before viridis's pale yellow end
         e, a = np.array(pts).T
         ax.scatter(e, a, color=color, alpha=0.35, s=25)
         me, ma = e.mean(), a.mean()
@@ -125,7 +126,7 @@ def pareto_plot(rows: List[dict], path: str, acc_key: str, title: str = "") -> s
         ax.plot([means[i][0] for i in front], [means[i][1] for i in front], "--", color="crimson", lw=1.5,
                 label="Pareto front (of the means)")
     ax.set_xlabel("estimated energy of the derived network (mJ per image)")
-    ax.set_ylabel(f"{acc_key.replace('_', ' ')} (%)")
+    ax.set_ylabel({"valid_acc": "validation accuracy (%)", "test_acc": "test accuracy (%)"}.get(acc_key, acc_key))
     ax.set_title(title or "accuracy vs energy, mean +- std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
