@@ -123,8 +123,9 @@ def pareto_plot(rows: List[dict], path: str, acc_key: str, title: str = "") -> s
         means.append((me, ma))
     if means:
         front = pareto_front(means)
-        ax.plot([means[i][0] for i in front], [means[i][1] for i in front], "--", color="crimson", lw=1.5,
-                label="Pareto front (of the means)")
+        ax.plot([means[i][0] for i in front], [means[i][1] for i in front], "--D", color="crimson", lw=1.5, ms=15,
+                mfc="none", mew=1.5, label="Pareto front (of the means)")  # marked even when it is one point
+    ax.margins(0.12)  # room for the labels at the edges
     ax.set_xlabel("estimated energy of the derived network (mJ per image)")
     ax.set_ylabel({"valid_acc": "validation accuracy (%)", "test_acc": "test accuracy (%)"}.get(acc_key, acc_key))
     ax.set_title(title or "accuracy vs energy, mean +- std over seeds")
