@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import Any, Dict, List
 
@@ -29,7 +28,7 @@ from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
 from operations import ChannelsLastOnCPU  # noqa: E402
-from timing import interleaved_medians, peak_memory_mb as peak_memory_mb_here  # noqa: E402
+from timing import interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [
@@ -81,15 +80,11 @@ class Runner:
                 self.opt.step()
 
 
-def peak_memory_mb(cfg_index: int, args: argparse.Namespace) -> float:
-    """Run two steps of one configuration in a fresh process and read its peak memory."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory", str(cfg_index), "--batch_size",
-           str(args.batch_size), "--layers", str(args.layers), "--init_channels", str(args.init_channels),
-           "--dataset", args.dataset, "--device", args.device] + (["--amp"] if args.amp else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
+def child_args(args: argparse.Namespace) -> List[str]:
+    """The flags a memory-measuring child needs to rebuild the same configuration."""
+    return ["--batch_size", str(args.batch_size), "--layers", str(args.layers), "--init_channels",
+            str(args.init_channels), "--dataset", args.dataset, "--device", args.device] + (
+        ["--amp"] if args.amp else [])
 
 
 def main() -> int:
@@ -122,7 +117,8 @@ def main() -> int:
         rows.append({"config": c["name"], "energy_weight": c["energy_weight"], "order": c["order"],
                      "partial_channels": c["partial_channels"], "device": args.device, "amp": args.amp,
                      "step_s": medians[chosen.index(i)],
-                     "peak_mb": None if args.no_memory else peak_memory_mb(i, args)})
+                     "peak_mb": None if args.no_memory else memory_in_child(os.path.abspath(__file__), i,
+                                                                              child_args(args))})
     base = rows[0]
     print(f"\nsearch step: {args.dataset} shape, batch {args.batch_size}, {args.layers} layers, "
           f"{args.init_channels} channels, {args.device}{' bf16' if args.amp else ''}, median of {args.steps}")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from typing import Dict, List, Sequence
 
@@ -52,3 +54,12 @@ def peak_memory_mb(make_runner, device: torch.device, steps: int = 2) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return _status_mb("VmHWM") - base
+
+
+def memory_in_child(script: str, index: int, child_args: List[str]) -> float:
+    """Peak memory (MiB) of configuration `index`, measured by `script --_memory index ...` in a fresh process."""
+    out = subprocess.run([sys.executable, script, "--_memory", str(index), *child_args], capture_output=True,
+                         text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])

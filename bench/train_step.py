@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import Any, Dict, List
 
@@ -24,7 +23,7 @@ import torch.nn as nn  # noqa: E402
 import genotypes as G  # noqa: E402
 from datasets import known_info  # noqa: E402
 from model import build_network  # noqa: E402
-from timing import interleaved_medians, peak_memory_mb  # noqa: E402
+from timing import interleaved_medians, memory_in_child, peak_memory_mb  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [
     {"name": "fp32", "channels_last": False, "amp": False},
@@ -97,9 +96,7 @@ def main() -> int:
     for i in chosen:
         mem = None
         if not args.no_memory:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory", str(i), *child_args(args)],
-                                 capture_output=True, text=True, timeout=3600, check=True)
-            mem = float(out.stdout.strip().splitlines()[-1])
+            mem = memory_in_child(os.path.abspath(__file__), i, child_args(args))
         step = medians[chosen.index(i)]
         rows.append({"config": CONFIGS[i]["name"], "device": args.device, "step_s": step,
                      "images_per_s": args.batch_size / step, "peak_mb": mem})
