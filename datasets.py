@@ -162,7 +162,7 @@ def targets_of(ds: Dataset) -> np.ndarray:
 SEARCH_DEFAULTS = {
     "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, weight_decay=3e-4,
               epochs=50, init_channels=16, layers=8, train_portion=0.5, grad_clip=5.0, arch_learning_rate=3e-4,
-              arch_weight_decay=1e-3, workers=2),
+              arch_weight_decay=1e-3, workers=2, threads=0),
     "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=5,
                    arch_learning_rate=3e-3, workers=0),
 }

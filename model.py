@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from genotypes import Genotype
+from layout import LayoutMixin
 from operations import OPS, FactorizedReduce, Identity, ReLUConvBN
 
 
@@ -76,7 +77,7 @@ class AuxiliaryHead(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-class _Network(nn.Module):
+class _Network(LayoutMixin, nn.Module):
     """Cells, auxiliary head and classifier shared by both variants; subclasses build the stem."""
 
     def _build_cells(self, genotype: Genotype, C: int, C_prev_prev: int, C_prev: int, layers: int,
@@ -124,7 +125,7 @@ class NetworkCIFAR(_Network):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor):
-        s = self.stem(x)
+        s = self.stem(self.to_layout(x))
         return self._cells_forward(s, s)
 
 
@@ -147,7 +148,7 @@ class NetworkImageNet(_Network):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor):
-        s0 = self.stem0(x)
+        s0 = self.stem0(self.to_layout(x))
         return self._cells_forward(s0, self.stem1(s0))
 
 

@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from genotypes import Genotype
+from layout import BatchNorm2d, LayoutMixin, like
 from operations import OPS, POOLS, EnergyOp, FactorizedReduce, ReLUConvBN, attach_estimator
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     b, c, h, w = x.shape
-    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+    return like(x.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w), x)
 
 
 class MixedOp(nn.Module):
@@ -44,7 +45,7 @@ class MixedOp(nn.Module):
                 object.__setattr__(op, "price_as", OPS[name](C, stride, False))
             self._ops.append(op)
             if name in POOLS:
-                self._post[str(i)] = nn.BatchNorm2d(width, affine=False)
+                self._post[str(i)] = BatchNorm2d(width, affine=False)
         if self.k > 1 and stride == 2:
             self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self._energy_vec: Optional[torch.Tensor] = None
@@ -65,7 +66,7 @@ class MixedOp(nn.Module):
                 energy_weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.k > 1:
             width = x.shape[1] // self.k
-            xa, xb = x[:, :width], x[:, width:]
+            xa, xb = like(x[:, :width], x), x[:, width:]
         else:
             xa = x
         out = None
@@ -120,7 +121,7 @@ class Cell(nn.Module):
         return torch.cat(states[-self.multiplier:], dim=1), energy
 
 
-class Network(nn.Module):
+class Network(LayoutMixin, nn.Module):
     """The DARTS supernet for any data set: stem from `in_channels`, head to `num_classes`."""
 
     def __init__(self, C: int, num_classes: int, layers: int, primitives: Sequence[str], in_channels: int = 3,
@@ -182,7 +183,7 @@ class Network(nn.Module):
 
     def new_model(self) -> "Network":
         """A fresh network with new weights and the same alphas (DARTS's `new()`)."""
-        model = Network(**self._config).to(self.alphas_normal.device)
+        model = Network(**self._config).to(self.alphas_normal.device).set_channels_last(self.channels_last)
         with torch.no_grad():
             for mine, theirs in zip(model.arch_parameters(), self.arch_parameters()):
                 mine.copy_(theirs)
@@ -211,7 +212,7 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Logits and the expected energy E(alpha) of the cells (J per sample, differentiable in the alphas)."""
         per_kind = {False: self.arch_weights(False), True: self.arch_weights(True)}
-        s0 = s1 = self.stem(x)
+        s0 = s1 = self.stem(self.to_layout(x))
         energy = None
         for cell in self.cells:
             w, ew, edge = per_kind[cell.reduction]
@@ -246,21 +247,27 @@ class Network(nn.Module):
                 out["edges_reduce"] = self._edge_weights(self.betas_reduce).tolist()
         return out
 
-    def genotype(self, max_skip: Optional[int] = None, min_parametric: int = 0,
-                 actions: Optional[List[str]] = None) -> Genotype:
-        """DARTS's rule: per node the 2 strongest incoming edges, on each the strongest non-`none` op. With
-        `max_skip` / `min_parametric` the normal cell is then guarded (`guard_derivation`; rewrites go to
-        `actions`); the defaults are plain DARTS."""
+    def derivation_weights(self) -> dict:
+        """What the derivation ranks: per cell kind, the (edges x ops) softmaxed alphas as nested lists, scaled by
+        the PC-DARTS edge weights with partial channels."""
         with torch.no_grad():
             wn = F.softmax(self.alphas_normal, -1)
             wr = F.softmax(self.alphas_reduce, -1)
             if self.partial_channels > 1:
                 wn = wn * self._edge_weights(self.betas_normal)[:, None]
                 wr = wr * self._edge_weights(self.betas_reduce)[:, None]
+        return {"normal": wn.tolist(), "reduce": wr.tolist()}
+
+    def genotype(self, max_skip: Optional[int] = None, min_parametric: int = 0,
+                 actions: Optional[List[str]] = None) -> Genotype:
+        """DARTS's rule: per node the 2 strongest incoming edges, on each the strongest non-`none` op. With
+        `max_skip` / `min_parametric` the normal cell is then guarded (`guard_derivation`; rewrites go to
+        `actions`); the defaults are plain DARTS."""
+        w = self.derivation_weights()
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
-        normal = derive(wn.tolist(), self.primitives, self.steps)
-        normal = guard_derivation(wn.tolist(), self.primitives, normal, self.steps, max_skip, min_parametric, actions)
-        return Genotype(normal, concat, derive(wr.tolist(), self.primitives, self.steps), concat)
+        normal = derive(w["normal"], self.primitives, self.steps)
+        normal = guard_derivation(w["normal"], self.primitives, normal, self.steps, max_skip, min_parametric, actions)
+        return Genotype(normal, concat, derive(w["reduce"], self.primitives, self.steps), concat)
 
 
 def derive(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps: int) -> List[Tuple[str, int]]:

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layout import BatchNorm2d
+
 
 class EnergyOp(nn.Module):
     """Base class of candidate ops: lazily estimated, cached energy per sample (joules)."""
@@ -72,34 +74,12 @@ class Sequential(EnergyOp):
         return self.layers(x)
 
 
-class ChannelsLastOnCPU:
-    """Mixin: run the layer in channels_last on the CPU, where oneDNN's depthwise convolutions are 2.4-3.9x and
-    3x3 max pooling 2x faster (forward + backward, CIFAR sizes; see bench/README.md) than in the default layout;
-    the output returns to the default layout so every other op sees what it expects. Set
-    `ChannelsLastOnCPU.fast_layout = False` for the plain path."""
-
-    fast_layout = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ChannelsLastOnCPU.fast_layout and x.device.type == "cpu" and x.dim() == 4:
-            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        return super().forward(x)
-
-
-class DepthwiseConv2d(ChannelsLastOnCPU, nn.Conv2d):
-    """A depthwise (grouped) convolution, channels_last on the CPU."""
-
-
-class MaxPool2d(ChannelsLastOnCPU, nn.MaxPool2d):
-    """Max pooling, channels_last on the CPU."""
-
-
 class ReLUConvBN(Sequential):
     def __init__(self, C_in: int, C_out: int, kernel_size, stride, padding, affine: bool = True) -> None:
         super().__init__(
             nn.ReLU(inplace=False),
             nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
         self.in_channels = C_in
 
@@ -109,9 +89,9 @@ class DilConv(Sequential):
                  affine: bool = True) -> None:
         super().__init__(
             nn.ReLU(inplace=False),
-            DepthwiseConv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
             nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
         self.in_channels = C_in
 
@@ -122,13 +102,13 @@ class SepConv(Sequential):
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True) -> None:
         super().__init__(
             nn.ReLU(inplace=False),
-            DepthwiseConv2d(C_in, C_in, kernel_size, stride, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, groups=C_in, bias=False),
             nn.Conv2d(C_in, C_in, 1, bias=False),
-            nn.BatchNorm2d(C_in, affine=affine),
+            BatchNorm2d(C_in, affine=affine),
             nn.ReLU(inplace=False),
-            DepthwiseConv2d(C_in, C_in, kernel_size, 1, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, kernel_size, 1, padding, groups=C_in, bias=False),
             nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            BatchNorm2d(C_out, affine=affine),
         )
         self.in_channels = C_in
 
@@ -139,7 +119,7 @@ class Conv7x1x1x7(Sequential):
             nn.ReLU(inplace=False),
             nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
             nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
-            nn.BatchNorm2d(C, affine=affine),
+            BatchNorm2d(C, affine=affine),
         )
         self.in_channels = C
 
@@ -148,7 +128,7 @@ class Pool(Sequential):
     """3x3 max or average pooling (average excludes the padding, as in DARTS)."""
 
     def __init__(self, kind: str, C: int, stride: int) -> None:
-        layer = (MaxPool2d(3, stride=stride, padding=1) if kind == "max"
+        layer = (nn.MaxPool2d(3, stride=stride, padding=1) if kind == "max"
                  else nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False))
         super().__init__(layer)
         self.in_channels = C
@@ -192,7 +172,7 @@ class FactorizedReduce(EnergyOp):
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.bn = BatchNorm2d(C_out, affine=affine)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(x)

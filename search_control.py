@@ -1,9 +1,11 @@
-"""Per-epoch controllers of a search, fed the derived cell: early stop on skip collapse (DARTS+) and an energy
-budget's Lagrange multiplier. Pure (no torch, no files): train_search.py feeds them, tests drive them directly.
+"""Per-epoch controllers of a search, fed the derived cell: early stop on skip collapse (DARTS+), an energy
+budget's Lagrange multiplier and the projection of a derived cell onto the budget. Pure (no tensors, no files):
+train_search.py feeds them, tests drive them directly.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, Optional
+import math
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 
 class CollapseStopper:
@@ -81,3 +83,76 @@ class BudgetController:
 
     def within(self, energy_mj: float, tolerance: float = 0.1) -> bool:
         return abs(energy_mj / self.budget_mj - 1.0) <= tolerance
+
+
+Pair = Tuple[str, int]
+
+
+def project_to_budget(cells: Dict[str, List[Pair]], weights: Dict[str, Sequence[Sequence[float]]],
+                      primitives: Sequence[str], cost: Callable[[str, str, int], float], base: float,
+                      budget_mj: float, steps: int = 4, max_skip: Optional[int] = None, min_parametric: int = 0,
+                      actions: Optional[List[str]] = None) -> Dict[str, List[Pair]]:
+    """The derived cells (`{"normal": pairs, "reduce": pairs}`) with ops swapped until the network's energy
+    `base + sum cost(kind, op, input)` (mJ) is within `budget_mj`, keeping each node's two inputs.
+
+    The score of a cell is the sum of log softmax weights of its ops (`weights[kind]`: edges x ops, as `derive`
+    reads them). Over budget, the swap that loses the least score per mJ saved is taken, again and again (a greedy
+    multiple-choice knapsack); then swaps that raise the score and still fit the budget are taken, best first, so
+    a coarse last step does not leave budget unused. The normal cell's guards hold throughout (never more than
+    `max_skip` skip_connects, never fewer than `min_parametric` parametric ops than it already has). When no swap
+    can reach the budget the result is the cheapest cell reachable. `actions` receives one line per swap."""
+    from operations import is_parametric
+    usable = [k for k, p in enumerate(primitives) if p != "none"]
+    index = {p: k for k, p in enumerate(primitives)}
+    cells = {kind: list(pairs) for kind, pairs in cells.items()}
+    rows = {}
+    for kind, pairs in cells.items():  # the weight row of each pair: node i's edges start at sum(2..i+1)
+        rows[kind] = [sum(2 + n for n in range(p // 2)) + j for p, (_, j) in enumerate(pairs)]
+
+    def score(kind: str, p: int, k: int) -> float:
+        return math.log(max(weights[kind][rows[kind][p]][k], 1e-30))
+
+    def energy() -> float:
+        return base + sum(cost(kind, op, j) for kind, pairs in cells.items() for op, j in pairs)
+
+    floor = sum(is_parametric(op) for op, _ in cells.get("normal", []))
+    floor = min(min_parametric, floor)
+
+    def allowed(kind: str, p: int, new: str) -> bool:
+        if kind != "normal":
+            return True
+        ops = [op for op, _ in cells[kind]]
+        ops[p] = new
+        return ((max_skip is None or ops.count("skip_connect") <= max_skip)
+                and sum(is_parametric(op) for op in ops) >= floor)
+
+    def swaps():
+        for kind, pairs in cells.items():
+            for p, (op, j) in enumerate(pairs):
+                for k in usable:
+                    new = primitives[k]
+                    if new != op and allowed(kind, p, new):
+                        yield (kind, p, new, score(kind, p, k) - score(kind, p, index[op]),
+                               cost(kind, new, j) - cost(kind, op, j))
+
+    def apply(kind: str, p: int, new: str, why: str) -> None:
+        op, j = cells[kind][p]
+        cells[kind][p] = (new, j)
+        if actions is not None:
+            actions.append(f"energy budget ({why}): {kind} cell, edge (node {p // 2 + 2}, input {j}): {op} -> {new}, "
+                           f"network {energy():.4f} mJ (budget {budget_mj:.4f})")
+
+    while energy() > budget_mj:  # cheaper: least score lost per mJ saved
+        cheaper = [s for s in swaps() if s[4] < 0]
+        if not cheaper:
+            break
+        kind, p, new, _, _ = min(cheaper, key=lambda s: -s[3] / -s[4])
+        apply(kind, p, new, "over")
+    while True:  # better and still within the budget: most score gained
+        room = budget_mj - energy()
+        better = [s for s in swaps() if s[3] > 1e-12 and s[4] <= room + 1e-12]
+        if not better or room < -1e-12:
+            break
+        kind, p, new, _, _ = max(better, key=lambda s: s[3])
+        apply(kind, p, new, "fill")
+    return cells

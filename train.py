@@ -23,6 +23,7 @@ import distributed
 import genotypes as G
 import utils
 from datasets import TRAIN_DEFAULTS, DataInfo, eval_loaders, load_dataset
+from layout import want_channels_last
 from model import build_network, network_report
 from utils import RunControl
 
@@ -52,9 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label_smoothing", type=utils.unit_float)
     p.add_argument("--image_size", type=utils.positive_int, default=None,
                    help="imagenet/imagefolder: side of the square input (default 224 / 32)")
-    p.add_argument("--threads", type=utils.nonneg_int, default=None,
-                   help="CPU threads of torch (0: torch's default; digits: 1, faster for 8x8 images "
-                        "and on a busy machine)")
     utils.add_speed_args(p)
     p.add_argument("--valid_portion", type=utils.fraction, default=None,
                    help="hold out this part of the training split to choose the best checkpoint")
@@ -159,8 +157,7 @@ class Trainer:
                  log) -> None:
         self.args, self.run_dir, self.log = args, run_dir, log
         self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
-        if self.device.type == "cpu" and args.threads:  # tiny tensors: extra threads only add sync overhead
-            torch.set_num_threads(args.threads)
+        utils.set_threads(self.device, args.threads)
         utils.set_seed(args.seed)
         self.genotype = G.from_dict(ckpt["genotype"]) if ckpt else load_genotype(args)
         self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
@@ -173,7 +170,8 @@ class Trainer:
             else None
         self.train_queue, self.valid_queue, self.test_queue = eval_loaders(train_data, plain_train, test_data,
                                                                            args, self.device)
-        self.model = make_model(self.genotype, args, self.info).to(self.device)
+        self.model = make_model(self.genotype, args, self.info).to(self.device).set_channels_last(
+            want_channels_last(args.channels_last, self.device, args.amp))
         self.report = network_report(make_model(self.genotype, args, self.info).eval(), self.estimator, self.info)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.optimizer = torch.optim.SGD(self.model.parameters(), args.learning_rate, momentum=args.momentum,

@@ -21,10 +21,12 @@ import genotypes as G
 import utils
 from architect import Architect
 from datasets import SEARCH_DEFAULTS, TRAIN_DEFAULTS, load_dataset, search_loaders
+from derived_energy import CellCosts, genotype_energy_mj
+from layout import want_channels_last
 from model import build_network, network_report
 from model_search import Network
 from operations import POOLS, is_parametric
-from search_control import BudgetController, CollapseStopper
+from search_control import BudgetController, CollapseStopper, project_to_budget
 from utils import RunControl
 
 SCRIPT = "search"
@@ -121,14 +123,6 @@ def resolve(args: argparse.Namespace) -> None:
                              f"(--epochs {args.epochs})")
 
 
-def genotype_energy_mj(genotype, args, info, estimator) -> float:
-    """Estimated energy (mJ per image) of the network train.py builds by default from this genotype."""
-    net = build_network(genotype, args.eval_channels, info.num_classes, args.eval_layers, False,
-                        info.in_channels, info.image_size)
-    return 1e3 * estimator.model_energy(net, (estimator.batch_size, info.in_channels, info.image_size,
-                                               info.image_size))
-
-
 def cell_stats(genotype, alphas: Dict[str, Any]) -> Dict[str, float]:
     """Counts of parametric / skip / pool ops in the derived normal cell, and the mean alpha entropy."""
     ops = [op for op, _ in genotype.normal]
@@ -171,13 +165,15 @@ class Search:
                  log) -> None:
         self.args, self.run_dir, self.log = args, run_dir, log
         self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
+        utils.set_threads(self.device, args.threads)
         utils.set_seed(args.seed)  # the same seed on every rank: identical initial weights and alphas
         self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
         train_data, self.info = load_dataset(args.dataset, args.data, train=True)
         self.train_queue, self.valid_queue = search_loaders(train_data, args, self.device)
         self.model = Network(args.init_channels, self.info.num_classes, args.layers, args.primitives,
                              self.info.in_channels, self.estimator, partial_channels=args.partial_channels
-                             ).to(self.device)
+                             ).to(self.device).set_channels_last(want_channels_last(args.channels_last, self.device,
+                                                                                    args.amp))
         self.optimizer = torch.optim.SGD(self.model.weight_parameters(), args.learning_rate,
                                          momentum=args.momentum, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, args.epochs,
@@ -187,7 +183,7 @@ class Search:
                                    grad_hook=distributed.average_ if distributed.enabled() else None)
         self.stopper = CollapseStopper(patience=args.patience) if args.early_stop else None
         self.budget = BudgetController(args.energy_budget, args.budget_rate) if args.energy_budget else None
-        self._energy_cache: Dict[Any, float] = {}
+        self._costs: Optional[CellCosts] = None
         self.start_epoch, self.best_valid_acc, self.wandb_id, self.pending_rng = 0, 0.0, None, None
         if ckpt is not None:
             self.restore(ckpt, explicit)
@@ -250,7 +246,7 @@ class Search:
             xv, yv = xv.to(self.device, non_blocking=True), yv.to(self.device, non_blocking=True)
             if epoch >= a.warmup_epochs:  # warm-up: the alphas (and Adam's state) stay as they are
                 if self.budget is not None:
-                    self.architect.energy_weight = self.budget.update(self.derived_energy(self.guarded()[0]))
+                    self.architect.energy_weight = self.budget.update(self.cell_costs().total(self.guarded()[0]))
                 arch_loss = self.architect.step(x, y, xv, yv, lr, self.optimizer)
                 control.check_finite(arch_loss, "architecture loss", epoch, step)
             logits, loss = weight_step(m, params, self.optimizer, x, y, a.grad_clip,
@@ -280,17 +276,34 @@ class Search:
                 "energy_normalized": float(self.architect.normalized_energy(energy))}
 
     def guarded(self):
-        """The genotype this run writes (guards of --max_skip / --min_parametric applied) and the guards' log."""
+        """The derived genotype with the guards of --max_skip / --min_parametric applied, and the guards' log."""
         actions: List[str] = []
         genotype = self.model.genotype(self.args.max_skip, self.args.min_parametric, actions)
         return genotype, actions
 
-    def derived_energy(self, genotype) -> float:
-        """genotype_energy_mj, cached per genotype (the budget asks every step; the cell changes rarely)."""
-        key = (tuple(genotype.normal), tuple(genotype.reduce))
-        if key not in self._energy_cache:
-            self._energy_cache[key] = genotype_energy_mj(genotype, self.args, self.info, self.estimator)
-        return self._energy_cache[key]
+    def derived(self):
+        """The genotype this run writes: `guarded()`, then projected onto --energy_budget when one is set."""
+        genotype, actions = self.guarded()
+        a = self.args
+        if self.budget is not None:
+            costs = self.cell_costs()
+            cells = project_to_budget({"normal": genotype.normal, "reduce": genotype.reduce},
+                                      self.model.derivation_weights(), a.primitives, costs.cost, costs.base,
+                                      a.energy_budget, self.model.steps, a.max_skip, a.min_parametric, actions)
+            genotype = G.Genotype(cells["normal"], genotype.normal_concat, cells["reduce"], genotype.reduce_concat)
+        return genotype, actions
+
+    def cell_costs(self) -> CellCosts:
+        """Per-op energies of the network train.py builds (measured once; the budget prices every step with it)."""
+        if self._costs is None:
+            a = self.args
+            self._costs = CellCosts(a.primitives, self.info, a.eval_channels, a.eval_layers, self.estimator,
+                                    self.model.steps)
+        return self._costs
+
+    def energy_mj(self, genotype) -> float:
+        a = self.args
+        return genotype_energy_mj(genotype, self.info, a.eval_channels, a.eval_layers, self.estimator)
 
     def energy_scale(self, epoch: int) -> float:
         """0 during the warm-up, then a linear ramp over --energy_ramp_epochs (1 without one)."""
@@ -309,7 +322,7 @@ class Search:
 
     def run(self, tracker: utils.Tracker, control: RunControl) -> Dict[str, Any]:
         a, log = self.args, self.log
-        genotype = self.guarded()[0]
+        genotype = self.derived()[0]
         if self.pending_rng is not None:
             utils.set_rng_state(self.pending_rng)
         for epoch in range(self.start_epoch, a.epochs):
@@ -330,15 +343,16 @@ class Search:
                 row.update(self.infer())
             self.scheduler.step()
             unguarded = self.model.genotype()
-            genotype, actions = self.guarded()
+            genotype, actions = self.derived()
             for line in actions:
                 log.info(line)
             row["guard_actions"] = len(actions)
             row["unguarded_normal_skip"] = CollapseStopper.skips(unguarded)
-            if self.budget is not None:
+            if self.budget is not None:  # where the search itself stands, before the projection onto the budget
                 row["budget_lambda"] = self.budget.lam
+                row["unprojected_energy_mj"] = self.cell_costs().total(self.guarded()[0])
             alphas = self.model.softmaxed_alphas()
-            row["genotype_energy_mj"] = genotype_energy_mj(genotype, a, self.info, self.estimator)
+            row["genotype_energy_mj"] = self.energy_mj(genotype)
             row.update(cell_stats(genotype, alphas))
             row["epoch_s"] = time.time() - t0
             self.best_valid_acc = max(self.best_valid_acc, row["valid_acc"])

@@ -17,30 +17,13 @@ from typing import Dict, List, Optional, Tuple
 import genotypes as G
 import utils
 from datasets import TRAIN_DEFAULTS, DataInfo, known_info
-from model import build_network
+from derived_energy import op_energies
 
 KINDS = ("normal", "reduce")
 
 
 def _node(j: int) -> str:
     return "c_{k-2}" if j == 0 else "c_{k-1}" if j == 1 else str(j - 2)
-
-
-def op_energies(genotype: G.Genotype, info: DataInfo, channels: int, layers: int, estimator) -> Dict[str, List[float]]:
-    """mJ per image of each op of the first normal and the first reduction cell of the default network."""
-    net = build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
-    rows = estimator.breakdown(net.eval(), (estimator.batch_size, info.in_channels, info.image_size,
-                                            info.image_size))
-    first = {kind: next(i for i, c in enumerate(net.cells) if c.reduction == (kind == "reduce")) for kind in KINDS}
-    out = {}
-    for kind, cell in first.items():
-        energies = []
-        for k in range(len(getattr(genotype, kind))):
-            prefix = f"cells.{cell}._ops.{k}."
-            energies.append(sum(r["energy_mj"] for r in rows if r["name"].startswith(prefix)
-                                or r["name"] == prefix[:-1]))
-        out[kind] = energies
-    return out
 
 
 def to_dot(pairs: List[Tuple[str, int]], concat: List[int], energies: List[float], title: str) -> str:
@@ -129,7 +112,7 @@ def render(genotype: G.Genotype, out_dir: str, info: DataInfo, channels: int, la
     if backend == "graphviz" and not shutil.which("dot"):
         raise utils.CLIError("--backend graphviz needs the `dot` program (apt-get install graphviz)")
     os.makedirs(out_dir, exist_ok=True)
-    energies = op_energies(genotype, info, channels, layers, estimator)
+    energies = op_energies(genotype, info, channels, layers, estimator)[0]
     paths = []
     for kind in KINDS:
         pairs, concat = getattr(genotype, kind), list(getattr(genotype, f"{kind}_concat"))

@@ -27,7 +27,7 @@ from datasets import known_info  # noqa: E402
 from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
-from operations import ChannelsLastOnCPU  # noqa: E402
+from layout import want_channels_last  # noqa: E402
 from timing import interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
@@ -52,6 +52,7 @@ class Runner:
         self.model = Network(args.init_channels, info.num_classes, args.layers, PRIMITIVES, info.in_channels,
                              EnergyEstimator.default(), partial_channels=cfg["partial_channels"],
                              skip_none=cfg["fast"]).to(device)
+        self.model.set_channels_last(want_channels_last("auto" if cfg["fast"] else "off", device, self.amp))
         self.arch = Architect(self.model, energy_weight=cfg["energy_weight"], unrolled=cfg["order"] == "second")
         self.opt = torch.optim.SGD(self.model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
         shape = (args.batch_size, info.in_channels, info.image_size, info.image_size)
@@ -61,7 +62,6 @@ class Runner:
                            for _ in range(2))
 
     def step(self) -> None:
-        ChannelsLastOnCPU.fast_layout = self.cfg["fast"]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.cfg["fast"]:
                 self.arch.step(self.x, self.y, self.xv, self.yv, 0.025, self.opt)
@@ -78,6 +78,26 @@ class Runner:
                 F.cross_entropy(logits, self.y).backward()
                 torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), 5.0)
                 self.opt.step()
+
+
+def energy_term_s(runner: Runner, repeats: int = 30) -> float:
+    """Median seconds of the energy term alone, forward and backward, as one architect step computes it (every
+    edge's expectation, their sum, the normalization, the alphas' gradient): the part of the `default` row that
+    `energy 0` does not pay, measured without the step's noise around it."""
+    import time
+    m, arch = runner.model, runner.arch
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ew = {k: m.arch_weights(k)[1] for k in (False, True)}
+        total = None
+        for cell in m.cells:
+            for i, op in enumerate(cell._ops):
+                e = op.expected_energy(ew[cell.reduction][i])
+                total = e if total is None else total + e
+        torch.autograd.grad(arch.normalized_energy(total), m.arch_parameters()[:2])
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def child_args(args: argparse.Namespace) -> List[str]:
@@ -109,8 +129,8 @@ def main() -> int:
         print(peak_memory_mb_here(lambda: Runner(CONFIGS[args._memory], args, device), device))
         return 0
     chosen = [i for i, c in enumerate(CONFIGS) if args.only is None or c["name"] in args.only.split(",")]
-    medians = interleaved_medians([Runner(CONFIGS[i], args, device) for i in chosen], args.steps, args.warmup,
-                                  device)
+    runners = [Runner(CONFIGS[i], args, device) for i in chosen]
+    medians = interleaved_medians(runners, args.steps, args.warmup, device)
     rows = []
     for i in chosen:
         c = CONFIGS[i]
@@ -127,6 +147,12 @@ def main() -> int:
         mem = f"{r['peak_mb']:>10.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}" if r["peak_mb"] else ""
         print(f"{r['config']:<18}{r['energy_weight']:>6g}{r['order']:>8}{r['partial_channels']:>3}"
               f"{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{mem}")
+    default = next((k for k, i in enumerate(chosen) if CONFIGS[i]["name"] == "default"), None)
+    if default is not None:
+        term = energy_term_s(runners[default])
+        rows[default]["energy_term_s"] = term
+        print(f"energy term alone (forward + backward, once per architect step): {1e3 * term:.1f} ms = "
+              f"{100 * term / rows[default]['step_s']:.2f} % of the default step")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)

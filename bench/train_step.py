@@ -38,15 +38,15 @@ class Runner:
         info = known_info(args.dataset)
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
-        fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
         self.model = build_network(G.named_genotype(args.arch), args.init_channels, info.num_classes, args.layers,
                                    args.auxiliary, info.in_channels, info.image_size,
-                                   imagenet=args.dataset == "imagenet").to(device, memory_format=fmt)
+                                   imagenet=args.dataset == "imagenet").to(device)
+        self.model.set_channels_last(cfg["channels_last"])  # the network moves its input to its own layout
         self.model.drop_path_prob = 0.2
         self.model.train()
         self.opt = torch.optim.SGD(self.model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
         self.x = torch.randn(args.batch_size, info.in_channels, info.image_size, info.image_size,
-                             device=device).contiguous(memory_format=fmt)
+                             device=device)
         self.y = torch.randint(0, info.num_classes, (args.batch_size,), device=device)
 
     def step(self) -> None:

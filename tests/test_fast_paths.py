@@ -2,6 +2,7 @@
 partial channels' shapes, and bf16 autocast within a stated tolerance."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -81,20 +82,49 @@ def test_bf16_autocast_stays_close_to_fp32():
     torch.testing.assert_close(e_low.float(), e_ref.float(), rtol=1e-2, atol=0)
 
 
-def test_channels_last_layers_equal_the_default_layout():
-    """Depthwise convs and max pools run in channels_last on the CPU: same outputs and gradients."""
-    from operations import ChannelsLastOnCPU
+@pytest.mark.parametrize("partial_channels", [1, 2])
+def test_channels_last_network_equals_the_default_layout(partial_channels):
+    """The whole supernet in channels_last (the CPU default): same logits, energy and gradients as NCHW."""
     results = []
-    for fast in (True, False):
-        ChannelsLastOnCPU.fast_layout = fast
-        try:
-            net, x, y = make()
-            logits, energy = net(x)
-            loss = F.cross_entropy(logits, y) + energy
-            grads = torch.autograd.grad(loss, list(net.parameters()))
-            results.append((logits.detach(), grads))
-        finally:
-            ChannelsLastOnCPU.fast_layout = True
+    for on in (True, False):
+        net, x, y = make(partial_channels=partial_channels)
+        net.set_channels_last(on)
+        assert net.cells[0]._ops[0]._ops[4].layers[1].weight.is_contiguous(
+            memory_format=torch.channels_last if on else torch.contiguous_format)
+        logits, energy = net(x)
+        loss = F.cross_entropy(logits, y) + energy
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        results.append((logits.detach(), grads))
+        assert net.new_model().channels_last == on
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_final_network_equals_the_default_layout():
+    import genotypes as G
+    from model import build_network
+    out = []
+    for on in (True, False):
+        torch.manual_seed(0)
+        net = build_network(G.DARTS_V2, 8, 10, 5, True, 1, 8).set_channels_last(on)
+        net.drop_path_prob = 0.0
+        x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+        logits, aux = net(x)
+        y = torch.arange(4)
+        loss = F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(aux, y)
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        out.append((logits.detach(), grads))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_modes():
+    from layout import want_channels_last
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert want_channels_last("auto", cpu) and not want_channels_last("off", cpu)
+    assert not want_channels_last("auto", cuda) and want_channels_last("auto", cuda, amp=True)
+    assert want_channels_last("on", cuda)
+    with pytest.raises(ValueError):
+        want_channels_last("sometimes", cpu)

@@ -124,3 +124,104 @@ def test_guard_flags_are_checked():
     _, args, _ = train_search.parse_args(["--dataset", "digits", "--max_skip", "2"])
     train_search.resolve(args)
     assert args.min_parametric == 2
+
+
+# ------------------------------------------------------------------------------ energy budget projection
+@pytest.fixture(scope="module")
+def digits_costs():
+    from datasets import known_info
+    from derived_energy import CellCosts
+    from dl_energy_estimator import EnergyEstimator
+    info, est = known_info("digits"), EnergyEstimator.default()
+    return CellCosts(PRIMS, info, 16, 6, est), info, est
+
+
+def test_cell_costs_add_up_to_the_network_energy(digits_costs):
+    import random
+    from derived_energy import genotype_energy_mj
+    costs, info, est = digits_costs
+    rng = random.Random(0)
+    usable = [p for p in PRIMS if p != "none"]
+    randoms = [G.Genotype([(rng.choice(usable), j) for i in range(4) for j in rng.sample(range(i + 2), 2)],
+                          [2, 3, 4, 5], [(rng.choice(usable), j) for i in range(4) for j in rng.sample(range(i + 2), 2)],
+                          [2, 3, 4, 5]) for _ in range(3)]
+    for g in [G.DARTS_V2, G.DARTS_V1] + randoms:
+        assert costs.total(g) == pytest.approx(genotype_energy_mj(g, info, 16, 6, est), rel=1e-9)
+    assert costs.cost("reduce", "sep_conv_3x3", 0) != costs.cost("reduce", "sep_conv_3x3", 2)  # strided vs not
+
+
+def expensive_cells(seed: int):
+    """Alphas favouring the dearest ops (sep_conv_5x5 first, dil_conv_5x5 second, random rest), and their cells."""
+    g = torch.Generator().manual_seed(seed)
+    w = {}
+    for kind in ("normal", "reduce"):
+        rows = torch.rand(14, len(PRIMS), generator=g) * 0.05
+        rows[:, IDX["sep_conv_5x5"]] += 0.5
+        rows[:, IDX["dil_conv_5x5"]] += 0.3
+        w[kind] = (rows / rows.sum(-1, keepdim=True)).tolist()
+    return w, {kind: derive(w[kind], PRIMS, 4) for kind in w}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_projection_lands_within_ten_percent_of_three_budgets(digits_costs, seed):
+    from search_control import project_to_budget
+    costs, _, _ = digits_costs
+    w, cells = expensive_cells(seed)
+    geno = lambda c: G.Genotype(c["normal"], [2, 3, 4, 5], c["reduce"], [2, 3, 4, 5])  # noqa: E731
+    top = costs.total(geno(cells))
+    cheapest = project_to_budget(cells, w, PRIMS, costs.cost, costs.base, 0.0)
+    floor = costs.total(geno(cheapest))
+    assert floor < 0.5 * top
+    for budget in (floor + f * (top - floor) for f in (0.2, 0.5, 0.8)):
+        actions = []
+        out = project_to_budget(cells, w, PRIMS, costs.cost, costs.base, budget, actions=actions)
+        energy = costs.total(geno(out))
+        assert 0.9 * budget <= energy <= budget, (budget, energy)
+        assert [j for _, j in out["normal"]] == [j for _, j in cells["normal"]]  # each node keeps its inputs
+        assert actions and all("energy budget" in line for line in actions)
+    # out of reach: below the cheapest cell it stops at the cheapest, above the derived cell it changes nothing
+    assert costs.total(geno(project_to_budget(cells, w, PRIMS, costs.cost, costs.base, 0.5 * floor))) == floor
+    assert project_to_budget(cells, w, PRIMS, costs.cost, costs.base, 2 * top) == cells
+
+
+def test_projection_keeps_the_guards(digits_costs):
+    from search_control import project_to_budget
+    costs, _, _ = digits_costs
+    w, cells = expensive_cells(2)
+    out = project_to_budget(cells, w, PRIMS, costs.cost, costs.base, 0.0, max_skip=2, min_parametric=2)
+    ops = [op for op, _ in out["normal"]]
+    assert ops.count("skip_connect") <= 2 and sum(op.startswith(("sep", "dil")) for op in ops) == 2
+    assert "none" not in ops
+
+
+@pytest.mark.slow
+def test_search_with_budget_writes_a_cell_within_it(tmp_path, digits_costs):
+    """A real (short) digits search with --energy_budget: the written cell is within 10 % of the budget, and the
+    run's own alphas projected onto two more budgets land within 10 % of them too (energies re-estimated)."""
+    import json
+    import os
+    from conftest import run_script
+    from derived_energy import genotype_energy_mj
+    from search_control import project_to_budget
+    costs, info, est = digits_costs
+    budget = 0.3
+    res = run_script("train_search.py", "--dataset", "digits", "--epochs", "1", "--layers", "3", "--init_channels",
+                     "4", "--train_portion", "0.3", "--energy_budget", str(budget), "--log_dir", str(tmp_path),
+                     "--run_name", "b", "--wandb", "disabled")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = os.path.join(str(tmp_path), "b")
+    meta = json.load(open(os.path.join(run, "genotype.json")))["meta"]
+    assert meta["energy_budget_mj"] == budget and 0.9 * budget <= meta["energy_mj"] <= budget
+    row = json.loads(open(os.path.join(run, "metrics.jsonl")).read().splitlines()[-1])
+    assert row["genotype_energy_mj"] == pytest.approx(meta["energy_mj"]) and row["budget_lambda"] >= 0
+    assert row["unprojected_energy_mj"] > 0
+    alphas = json.load(open(os.path.join(run, "alphas.json")))[-1]
+    cells = {kind: derive(alphas[kind], PRIMS, 4) for kind in ("normal", "reduce")}
+    geno = lambda c: G.Genotype(c["normal"], [2, 3, 4, 5], c["reduce"], [2, 3, 4, 5])  # noqa: E731
+    free = genotype_energy_mj(geno(cells), info, 16, 6, est)  # the cell the alphas derive without a budget
+    assert free == pytest.approx(row["unprojected_energy_mj"])
+    assert project_to_budget(cells, alphas, PRIMS, costs.cost, costs.base, free) == cells  # a cap, not a target
+    for b in (0.6 * free, 0.8 * free):
+        out = project_to_budget(cells, alphas, PRIMS, costs.cost, costs.base, b)
+        energy = genotype_energy_mj(geno(out), info, 16, 6, est)
+        assert 0.9 * b <= energy <= b * (1 + 1e-9), (b, energy)

@@ -1,0 +1,81 @@
+"""Estimated energy of the network `train.py` builds from a genotype, whole and split per op of the cells.
+
+The split is additive: with every cell's inputs, sums and concatenation fixed by the layout, the energy of a derived
+network is `base + sum over the genotype's (op, input) pairs of cost(kind, op, input)`, where a pair's cost sums that
+op over every cell of its kind (normal or reduction; in a reduction cell inputs 0 and 1 are strided). `CellCosts`
+measures that table once from the estimator, so the energy budget can weigh op swaps without rebuilding networks.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import genotypes as G
+from datasets import DataInfo
+from model import build_network
+
+KINDS = ("normal", "reduce")
+
+
+def genotype_energy_mj(genotype: G.Genotype, info: DataInfo, channels: int, layers: int, estimator) -> float:
+    """Estimated energy (mJ per image, at the estimator's deployment batch) of the network train.py builds."""
+    net = build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
+    return 1e3 * estimator.model_energy(net.eval(), (estimator.batch_size, info.in_channels, info.image_size,
+                                                     info.image_size))
+
+
+def op_energies(genotype: G.Genotype, info: DataInfo, channels: int, layers: int, estimator,
+                all_cells: bool = False) -> Tuple[Dict[str, List[float]], float]:
+    """mJ per image of each (op, input) pair of both cells in the network train.py builds: in the first cell of
+    each kind, or summed over all cells of that kind (`all_cells`). Also returns the whole network's energy."""
+    net = build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
+    rows = estimator.breakdown(net.eval(), (estimator.batch_size, info.in_channels, info.image_size,
+                                            info.image_size))
+    out: Dict[str, List[float]] = {}
+    for kind in KINDS:
+        cells = [i for i, c in enumerate(net.cells) if c.reduction == (kind == "reduce")]
+        cells = cells if all_cells else cells[:1]
+        energies = []
+        for k in range(len(getattr(genotype, kind))):
+            prefixes = [f"cells.{c}._ops.{k}" for c in cells]
+            energies.append(sum(r["energy_mj"] for r in rows
+                                if any(r["name"] == p or r["name"].startswith(p + ".") for p in prefixes)))
+        out[kind] = energies
+    return out, sum(r["energy_mj"] for r in rows)
+
+
+def probe_genotype(op: str, steps: int = 4) -> G.Genotype:
+    """Every pair `op`; node i reads inputs i and i + 1, so the reduction cell has strided and unstrided pairs."""
+    pairs = [(op, j) for i in range(steps) for j in (i, i + 1)]
+    concat = list(range(2, steps + 2))
+    return G.Genotype(pairs, concat, pairs, concat)
+
+
+class CellCosts:
+    """The additive energy model of derived networks (see the module docstring), measured with one probe network
+    per op: `cost(kind, op, input)` in mJ per image, `total(genotype)` equal to `genotype_energy_mj`."""
+
+    def __init__(self, primitives: Sequence[str], info: DataInfo, channels: int, layers: int, estimator,
+                 steps: int = 4) -> None:
+        self.table: Dict[Tuple[str, str, bool], float] = {}
+        self.base = None
+        for op in primitives:
+            if op == "none":
+                continue
+            probe = probe_genotype(op, steps)
+            energies, total = op_energies(probe, info, channels, layers, estimator, all_cells=True)
+            for kind in KINDS:
+                for (_, j), e in zip(getattr(probe, kind), energies[kind]):
+                    self.table[(kind, op, self.strided(kind, j))] = e
+            if self.base is None:
+                self.base = total - sum(sum(v) for v in energies.values())
+
+    @staticmethod
+    def strided(kind: str, j: int) -> bool:
+        return kind == "reduce" and j < 2
+
+    def cost(self, kind: str, op: str, j: int) -> float:
+        """mJ per image of `op` on input `j` in every cell of `kind` together."""
+        return self.table[(kind, op, self.strided(kind, j))]
+
+    def total(self, genotype: G.Genotype) -> float:
+        return self.base + sum(self.cost(kind, op, j) for kind in KINDS for op, j in getattr(genotype, kind))
