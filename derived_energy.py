@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
+import torch
+
 import genotypes as G
 from datasets import DataInfo
 from model import build_network
@@ -16,9 +18,16 @@ from model import build_network
 KINDS = ("normal", "reduce")
 
 
+def priced_network(genotype: G.Genotype, info: DataInfo, channels: int, layers: int) -> torch.nn.Module:
+    """The network train.py builds, made without touching torch's RNG: its initial weights are drawn from a forked
+    stream, so pricing a genotype mid-search never changes what the search draws next."""
+    with torch.random.fork_rng(devices=[]):
+        return build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
+
+
 def genotype_energy_mj(genotype: G.Genotype, info: DataInfo, channels: int, layers: int, estimator) -> float:
     """Estimated energy (mJ per image, at the estimator's deployment batch) of the network train.py builds."""
-    net = build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
+    net = priced_network(genotype, info, channels, layers)
     return 1e3 * estimator.model_energy(net.eval(), (estimator.batch_size, info.in_channels, info.image_size,
                                                      info.image_size))
 
@@ -27,7 +36,7 @@ def op_energies(genotype: G.Genotype, info: DataInfo, channels: int, layers: int
                 all_cells: bool = False) -> Tuple[Dict[str, List[float]], float]:
     """mJ per image of each (op, input) pair of both cells in the network train.py builds: in the first cell of
     each kind, or summed over all cells of that kind (`all_cells`). Also returns the whole network's energy."""
-    net = build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
+    net = priced_network(genotype, info, channels, layers)
     rows = estimator.breakdown(net.eval(), (estimator.batch_size, info.in_channels, info.image_size,
                                             info.image_size))
     out: Dict[str, List[float]] = {}

@@ -225,3 +225,15 @@ def test_search_with_budget_writes_a_cell_within_it(tmp_path, digits_costs):
         out = project_to_budget(cells, alphas, PRIMS, costs.cost, costs.base, b)
         energy = genotype_energy_mj(geno(out), info, 16, 6, est)
         assert 0.9 * b <= energy <= b * (1 + 1e-9), (b, energy)
+
+
+def test_pricing_a_genotype_leaves_the_search_rng_alone(digits_costs):
+    """Guards and budgets change which genotype gets priced each epoch; pricing builds a network, whose initial
+    weights must not come from the search's RNG stream (else a guard would change the search itself)."""
+    from derived_energy import CellCosts, genotype_energy_mj
+    _, info, est = digits_costs
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    genotype_energy_mj(G.DARTS_V2, info, 16, 6, est)
+    CellCosts(["none", "skip_connect", "sep_conv_3x3"], info, 8, 3, est)
+    assert torch.equal(state, torch.get_rng_state())
