@@ -91,16 +91,18 @@ Pair = Tuple[str, int]
 def project_to_budget(cells: Dict[str, List[Pair]], weights: Dict[str, Sequence[Sequence[float]]],
                       primitives: Sequence[str], cost: Callable[[str, str, int], float], base: float,
                       budget_mj: float, steps: int = 4, max_skip: Optional[int] = None, min_parametric: int = 0,
-                      actions: Optional[List[str]] = None) -> Dict[str, List[Pair]]:
+                      actions: Optional[List[str]] = None, tolerance: float = 0.05) -> Dict[str, List[Pair]]:
     """The derived cells (`{"normal": pairs, "reduce": pairs}`) with ops swapped until the network's energy
-    `base + sum cost(kind, op, input)` (mJ) is within `budget_mj`, keeping each node's two inputs.
+    `base + sum cost(kind, op, input)` (mJ) lies in [(1 - tolerance) budget, budget], keeping each node's inputs.
 
     The score of a cell is the sum of log softmax weights of its ops (`weights[kind]`: edges x ops, as `derive`
     reads them). Over budget, the swap that loses the least score per mJ saved is taken, again and again (a greedy
-    multiple-choice knapsack); then swaps that raise the score and still fit the budget are taken, best first, so
-    a coarse last step does not leave budget unused. The normal cell's guards hold throughout (never more than
-    `max_skip` skip_connects, never fewer than `min_parametric` parametric ops than it already has). When no swap
-    can reach the budget the result is the cheapest cell reachable. `actions` receives one line per swap."""
+    multiple-choice knapsack); then swaps that raise the score and still fit are taken, best first, so a coarse
+    last step does not leave budget unused; still under the band, the swap that loses the least score per mJ
+    spent. The budget is what the user can afford: the penalty of the search acts only above it, but the written
+    cell spends it. The normal cell's guards hold throughout (never more than `max_skip` skip_connects, never fewer
+    than `min_parametric` parametric ops than it already has). Out of reach, the result is the cheapest (or
+    dearest) cell reachable. `actions` receives one line per swap."""
     from operations import is_parametric
     usable = [k for k, p in enumerate(primitives) if p != "none"]
     index = {p: k for k, p in enumerate(primitives)}
@@ -155,4 +157,11 @@ def project_to_budget(cells: Dict[str, List[Pair]], weights: Dict[str, Sequence[
             break
         kind, p, new, _, _ = max(better, key=lambda s: s[3])
         apply(kind, p, new, "fill")
+    while energy() < (1.0 - tolerance) * budget_mj:  # under the band: least score lost per mJ spent
+        room = budget_mj - energy()
+        dearer = [s for s in swaps() if 0 < s[4] <= room + 1e-12]
+        if not dearer:
+            break
+        kind, p, new, _, _ = min(dearer, key=lambda s: -s[3] / s[4])
+        apply(kind, p, new, "under")
     return cells

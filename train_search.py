@@ -82,7 +82,7 @@ def add_guard_args(p: argparse.ArgumentParser) -> None:
                    help="with --early_stop: also stop when the ranking of ops is stable for N epochs")
     g.add_argument("--energy_budget", type=utils.positive_float, default=None,
                    help="mJ per image of the derived network: adaptive penalty on energy above it (replaces "
-                        "--energy_weight)")
+                        "--energy_weight); the written cell is projected to within 5 %% under it")
     g.add_argument("--budget_rate", type=utils.positive_float, default=0.02,
                    help="step of the budget's Lagrange multiplier per architecture step")
 

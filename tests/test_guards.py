@@ -179,9 +179,12 @@ def test_projection_lands_within_ten_percent_of_three_budgets(digits_costs, seed
         assert 0.9 * budget <= energy <= budget, (budget, energy)
         assert [j for _, j in out["normal"]] == [j for _, j in cells["normal"]]  # each node keeps its inputs
         assert actions and all("energy budget" in line for line in actions)
-    # out of reach: below the cheapest cell it stops at the cheapest, above the derived cell it changes nothing
+    # out of reach: below the cheapest cell it stops at the cheapest, above the dearest at the dearest
     assert costs.total(geno(project_to_budget(cells, w, PRIMS, costs.cost, costs.base, 0.5 * floor))) == floor
-    assert project_to_budget(cells, w, PRIMS, costs.cost, costs.base, 2 * top) == cells
+    dearest = project_to_budget(cells, w, PRIMS, costs.cost, costs.base, 10 * top)
+    assert all(costs.cost(kind, op, j) == max(costs.cost(kind, o, j) for o in PRIMS[1:])
+               for kind in dearest for op, j in dearest[kind])
+    assert project_to_budget(cells, w, PRIMS, costs.cost, costs.base, top) == cells  # in the band: unchanged
 
 
 def test_projection_keeps_the_guards(digits_costs):
@@ -220,8 +223,8 @@ def test_search_with_budget_writes_a_cell_within_it(tmp_path, digits_costs):
     geno = lambda c: G.Genotype(c["normal"], [2, 3, 4, 5], c["reduce"], [2, 3, 4, 5])  # noqa: E731
     free = genotype_energy_mj(geno(cells), info, 16, 6, est)  # the cell the alphas derive without a budget
     assert free == pytest.approx(row["unprojected_energy_mj"])
-    assert project_to_budget(cells, alphas, PRIMS, costs.cost, costs.base, free) == cells  # a cap, not a target
-    for b in (0.6 * free, 0.8 * free):
+    assert project_to_budget(cells, alphas, PRIMS, costs.cost, costs.base, free) == cells  # in the band: as derived
+    for b in (0.6 * free, 0.8 * free, 1.3 * free):
         out = project_to_budget(cells, alphas, PRIMS, costs.cost, costs.base, b)
         energy = genotype_energy_mj(geno(out), info, 16, 6, est)
         assert 0.9 * b <= energy <= b * (1 + 1e-9), (b, energy)
