@@ -172,6 +172,8 @@ class Trainer:
                                                                            args, self.device)
         self.model = make_model(self.genotype, args, self.info).to(self.device).set_channels_last(
             want_channels_last(args.channels_last, self.device, args.amp))
+        if args.compile:
+            utils.compile_cells(self.model)
         self.report = network_report(make_model(self.genotype, args, self.info).eval(), self.estimator, self.info)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.optimizer = torch.optim.SGD(self.model.parameters(), args.learning_rate, momentum=args.momentum,

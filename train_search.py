@@ -174,6 +174,8 @@ class Search:
                              self.info.in_channels, self.estimator, partial_channels=args.partial_channels
                              ).to(self.device).set_channels_last(want_channels_last(args.channels_last, self.device,
                                                                                     args.amp))
+        if args.compile:
+            utils.compile_cells(self.model)
         self.optimizer = torch.optim.SGD(self.model.weight_parameters(), args.learning_rate,
                                          momentum=args.momentum, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, args.epochs,

@@ -28,6 +28,7 @@ from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
 from layout import want_channels_last  # noqa: E402
+from utils import compile_cells  # noqa: E402
 from timing import interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
@@ -39,6 +40,9 @@ CONFIGS: List[Dict[str, Any]] = [
     {"name": "K=4", "energy_weight": 0.05, "order": "first", "partial_channels": 4, "fast": True},
     {"name": "second order", "energy_weight": 0.05, "order": "second", "partial_channels": 1, "fast": True},
     {"name": "second order K=4", "energy_weight": 0.05, "order": "second", "partial_channels": 4, "fast": True},
+    # opt-in (--compile): the default configuration with every cell through torch.compile (compile time excluded)
+    {"name": "compile", "energy_weight": 0.05, "order": "first", "partial_channels": 1, "fast": True,
+     "compile": True},
 ]
 
 
@@ -53,6 +57,8 @@ class Runner:
                              EnergyEstimator.default(), partial_channels=cfg["partial_channels"],
                              skip_none=cfg["fast"]).to(device)
         self.model.set_channels_last(want_channels_last("auto" if cfg["fast"] else "off", device, self.amp))
+        if cfg.get("compile"):
+            compile_cells(self.model)
         self.arch = Architect(self.model, energy_weight=cfg["energy_weight"], unrolled=cfg["order"] == "second")
         self.opt = torch.optim.SGD(self.model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
         shape = (args.batch_size, info.in_channels, info.image_size, info.image_size)
@@ -104,7 +110,7 @@ def child_args(args: argparse.Namespace) -> List[str]:
     """The flags a memory-measuring child needs to rebuild the same configuration."""
     return ["--batch_size", str(args.batch_size), "--layers", str(args.layers), "--init_channels",
             str(args.init_channels), "--dataset", args.dataset, "--device", args.device] + (
-        ["--amp"] if args.amp else [])
+        ["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
 
 
 def main() -> int:
@@ -117,6 +123,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--compile", action="store_true", help="add the `compile` row (minutes of compiling first)")
     p.add_argument("--only", default=None, help="comma list of configuration names to run")
     p.add_argument("--no_memory", action="store_true", help="skip the per-configuration memory processes")
     p.add_argument("--json", default=None)
@@ -128,7 +135,8 @@ def main() -> int:
     if args._memory is not None:
         print(peak_memory_mb_here(lambda: Runner(CONFIGS[args._memory], args, device), device))
         return 0
-    chosen = [i for i, c in enumerate(CONFIGS) if args.only is None or c["name"] in args.only.split(",")]
+    chosen = [i for i, c in enumerate(CONFIGS) if (args.only is None or c["name"] in args.only.split(","))
+              and (args.compile or not c.get("compile"))]
     runners = [Runner(CONFIGS[i], args, device) for i in chosen]
     medians = interleaved_medians(runners, args.steps, args.warmup, device)
     rows = []

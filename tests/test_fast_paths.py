@@ -128,3 +128,25 @@ def test_channels_last_modes():
     assert want_channels_last("on", cuda)
     with pytest.raises(ValueError):
         want_channels_last("sometimes", cpu)
+
+
+@pytest.mark.slow
+def test_compiled_cell_equals_eager():
+    """--compile: one cell through torch.compile (inductor) gives the eager cell's output, energy and gradients."""
+    net, x, y = make()
+    net(x)  # energies estimated (eagerly) first, as in a search
+    eager = copy.deepcopy(net)
+    net.cells[0].compile()
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    results = []
+    for model in (net, eager):
+        logits, energy = model(x)
+        loss = F.cross_entropy(logits, y) + energy
+        results.append((logits.detach(), energy.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1])
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] > graphs  # the cell really went through dynamo
+    assert list(net.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
