@@ -20,8 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional
 
 import genotypes as G
+import runs
 import utils
 from datasets import DataInfo, known_info
+from tracker import Tracker, wandb_mode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLUMNS = ["energy_weight", "seed", "genotype_energy_mj", "params", "macs", "valid_acc", "test_acc", "run"]
@@ -116,7 +118,7 @@ def collect(run_dir: str, estimator) -> Dict[str, Any]:
             "test_acc": summary.get("test_acc"), "run": os.path.abspath(run_dir)}
 
 
-def write_outputs(rows: List[Dict[str, Any]], out_dir: str, tracker: utils.Tracker) -> Dict[str, str]:
+def write_outputs(rows: List[Dict[str, Any]], out_dir: str, tracker: Tracker) -> Dict[str, str]:
     from plots import pareto_plot
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
@@ -148,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled"])
     p.add_argument("--energy_model", default=None)
     args, passthrough = p.parse_known_args(argv)
-    args.wandb = utils.wandb_mode(args.wandb)
+    args.wandb = wandb_mode(args.wandb)
     args.run_name = args.run_name or f"pareto-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         if args.from_runs:
@@ -156,14 +158,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             if missing:
                 raise utils.CLIError(f"--from: no genotype.json in {', '.join(missing)}")
         args.dataset_for_dir = args.dataset or "sweep"
-        sweep_dir = utils.make_run_dir(argparse.Namespace(log_dir=args.log_dir, run_name=args.run_name,
+        sweep_dir = runs.make_run_dir(argparse.Namespace(log_dir=args.log_dir, run_name=args.run_name,
                                                           dataset=args.dataset_for_dir), "pareto")
         estimator = utils.load_estimator(args.energy_model, None)
     except utils.CLIError as e:
         p.print_usage(sys.stderr)
-        utils.fail(str(e))
-    log = utils.setup_logging(sweep_dir)
-    tracker = utils.Tracker(args.wandb, sweep_dir, {**vars(args), "passthrough": passthrough}, "energy-aware-darts",
+        runs.fail(str(e))
+    log = runs.setup_logging(sweep_dir)
+    tracker = Tracker(args.wandb, sweep_dir, {**vars(args), "passthrough": passthrough}, "energy-aware-darts",
                             args.run_name, log=log)
     if args.from_runs:
         run_dirs = args.from_runs
@@ -178,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_dirs = [j["run_dir"] for j in jobs if os.path.isfile(os.path.join(j["run_dir"], "genotype.json"))]
     rows = [collect(d, estimator) for d in run_dirs]
     if not rows:
-        utils.fail("no finished search to plot", code=1)
+        runs.fail("no finished search to plot", code=1)
     out = write_outputs(rows, sweep_dir, tracker)
     tracker.finish()
     for r in sorted(rows, key=lambda r: (r["energy_weight"], r["seed"])):

@@ -21,11 +21,13 @@ import torch.nn as nn
 
 import distributed
 import genotypes as G
+import runs
 import utils
 from datasets import TRAIN_DEFAULTS, DataInfo, eval_loaders, load_dataset
 from layout import want_channels_last
 from model import build_network, network_report
-from utils import RunControl
+from runs import RunControl
+from tracker import Tracker
 
 SCRIPT = "train"
 
@@ -187,7 +189,7 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-            utils.override_schedule(self.optimizer, self.scheduler, args, explicit)
+            runs.override_schedule(self.optimizer, self.scheduler, args, explicit)
             self.start_epoch, self.best_valid_acc = ckpt["epoch"] + 1, ckpt["best_valid_acc"]
             self.wandb_id, self.wall_s, self.pending_rng = ckpt.get("wandb_id"), ckpt["wall_s"], ckpt["rng"]
         self.ddp = distributed.wrap(self.model, self.device)  # None without torchrun
@@ -243,7 +245,7 @@ class Trainer:
             out[f"{prefix}_acc_top5"] = top5.avg
         return distributed.average_metrics(out, top1.n)
 
-    def run(self, tracker: utils.Tracker, control: RunControl) -> Dict[str, Any]:
+    def run(self, tracker: Tracker, control: RunControl) -> Dict[str, Any]:
         a, log = self.args, self.log
         if self.pending_rng is not None:
             utils.set_rng_state(self.pending_rng)
@@ -256,7 +258,7 @@ class Trainer:
             with utils.autocast(self.device, a.amp):
                 row.update(self.train_epoch(epoch, control))
             if control.stop_requested:
-                log.info(utils.stopped_message(control.signal_name, epoch, self.run_dir))
+                log.info(runs.stopped_message(control.signal_name, epoch, self.run_dir))
                 return {"stopped": True}
             self.scheduler.step()
             distributed.check_same(list(self.model.parameters()), "weights")  # torchrun: ranks must agree
@@ -277,7 +279,7 @@ class Trainer:
                 self.best_valid_acc = row["valid_acc"]
                 utils.atomic_torch_save({**weights, "epoch": epoch + 1, "valid_acc": row["valid_acc"]},
                                         os.path.join(self.run_dir, "best_weights.pt"))
-            utils.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), SCRIPT, self.state(epoch))
+            runs.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), SCRIPT, self.state(epoch))
             log.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.4g} train_acc {row['train_acc']:.2f} "
                      + (f"valid_acc {row['valid_acc']:.2f} " if "valid_acc" in row else "")
                      + f"test_acc {row['test_acc']:.2f} ({row['epoch_s']:.1f} s)")
@@ -288,19 +290,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    return utils.guarded_main(parser, run, args, utils.explicit_flags(argv))
+    return runs.guarded_main(parser, run, args, utils.explicit_flags(argv))
 
 
 def run(args: argparse.Namespace, explicit: set) -> int:
-    ckpt, args = utils.restored_args(args, explicit, SCRIPT)
+    ckpt, args = runs.restored_args(args, explicit, SCRIPT)
     resolve(args)
     if args.report:
         return report(args)
-    trainer, run_dir, log, tracker = utils.open_run(args, explicit, SCRIPT, ckpt,
+    trainer, run_dir, log, tracker = runs.open_run(args, explicit, SCRIPT, ckpt,
                                                     lambda d, lg: Trainer(args, d, ckpt, explicit, lg))
     rep = trainer.report
     log.info(f"genotype = {trainer.genotype}\n{rep.text()}")
-    result, status = utils.run_epochs(trainer, tracker)
+    result, status = runs.run_epochs(trainer, tracker)
     if status:
         return status
     last = result["last"]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import distributed
 import genotypes as G
+import runs
 import utils
 from architect import Architect
 from datasets import SEARCH_DEFAULTS, TRAIN_DEFAULTS, load_dataset, search_loaders
@@ -26,8 +27,9 @@ from layout import want_channels_last
 from model import build_network, network_report
 from model_search import Network
 from operations import POOLS, is_parametric
+from runs import RunControl
 from search_control import BudgetController, CollapseStopper, project_to_budget
-from utils import RunControl
+from tracker import Tracker
 
 SCRIPT = "search"
 
@@ -214,7 +216,7 @@ class Search:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        utils.override_schedule(self.optimizer, self.scheduler, self.args, explicit)
+        runs.override_schedule(self.optimizer, self.scheduler, self.args, explicit)
         if explicit & {"arch_learning_rate", "arch_weight_decay"}:
             for group in self.architect.optimizer.param_groups:
                 group["lr"], group["weight_decay"] = self.args.arch_learning_rate, self.args.arch_weight_decay
@@ -322,7 +324,7 @@ class Search:
             return tuple(tuple(usable[int(i)] for i in alphas[:, usable].argmax(-1))
                          for alphas in (self.model.alphas_normal, self.model.alphas_reduce))
 
-    def run(self, tracker: utils.Tracker, control: RunControl) -> Dict[str, Any]:
+    def run(self, tracker: Tracker, control: RunControl) -> Dict[str, Any]:
         a, log = self.args, self.log
         genotype = self.derived()[0]
         if self.pending_rng is not None:
@@ -337,7 +339,7 @@ class Search:
             with utils.autocast(self.device, a.amp):
                 row.update(self.train_epoch(epoch, lr, control))
             if control.stop_requested:
-                log.info(utils.stopped_message(control.signal_name, epoch, self.run_dir))
+                log.info(runs.stopped_message(control.signal_name, epoch, self.run_dir))
                 return {"stopped": True}
             distributed.check_same(self.model.arch_parameters() + self.model.weight_parameters(),
                                    "alphas and weights")  # torchrun: a divergence of the ranks stops the run
@@ -360,7 +362,7 @@ class Search:
             self.best_valid_acc = max(self.best_valid_acc, row["valid_acc"])
             if distributed.is_main():  # torchrun: only rank 0 writes files
                 self.write_epoch(row, genotype, alphas, tracker)
-                utils.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), SCRIPT, self.state(epoch))
+                runs.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), SCRIPT, self.state(epoch))
             log.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.4g} train_acc {row['train_acc']:.2f} valid_acc "
                      f"{row['valid_acc']:.2f} expected_energy {row['expected_energy_mj']:.4f} mJ genotype_energy "
                      f"{row['genotype_energy_mj']:.4f} mJ | normal: {row['normal_parametric']} parametric, "
@@ -380,7 +382,7 @@ class Search:
                     break
         return {"stopped": False, "genotype": genotype}
 
-    def write_epoch(self, row: Dict[str, Any], genotype, alphas, tracker: utils.Tracker) -> None:
+    def write_epoch(self, row: Dict[str, Any], genotype, alphas, tracker: Tracker) -> None:
         d = self.run_dir
         utils.append_jsonl(os.path.join(d, "metrics.jsonl"), row)
         history_path = os.path.join(d, "alphas.json")
@@ -390,7 +392,7 @@ class Search:
         self.write_genotype(genotype, row)
         tracker.log({**row, **self.plot_epoch(row, genotype, alphas, tracker)}, step=row["epoch"])
 
-    def plot_epoch(self, row: Dict[str, Any], genotype, alphas, tracker: utils.Tracker) -> Dict[str, Any]:
+    def plot_epoch(self, row: Dict[str, Any], genotype, alphas, tracker: Tracker) -> Dict[str, Any]:
         """Alpha heatmaps, curves and cell diagrams in the run folder (updated each epoch), as wandb images."""
         import plots
         import visualize
@@ -423,16 +425,16 @@ class Search:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser, args, explicit = parse_args(argv)
-    return utils.guarded_main(parser, run, args, explicit)
+    return runs.guarded_main(parser, run, args, explicit)
 
 
 def run(args: argparse.Namespace, explicit: set) -> int:
-    ckpt, args = utils.restored_args(args, explicit, SCRIPT)
+    ckpt, args = runs.restored_args(args, explicit, SCRIPT)
     resolve(args)
-    search, run_dir, log, tracker = utils.open_run(args, explicit, SCRIPT, ckpt,
+    search, run_dir, log, tracker = runs.open_run(args, explicit, SCRIPT, ckpt,
                                                    lambda d, lg: Search(args, d, ckpt, explicit, lg))
     t0 = time.time()
-    result, status = utils.run_epochs(search, tracker)
+    result, status = runs.run_epochs(search, tracker)
     if status:
         return status
     genotype = result["genotype"]

@@ -15,6 +15,7 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 import genotypes as G
+import runs
 import utils
 from datasets import TRAIN_DEFAULTS, DataInfo, known_info
 from derived_energy import op_energies
@@ -156,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(path)
     except utils.CLIError as e:
         p.print_usage(sys.stderr)
-        utils.fail(str(e))
+        runs.fail(str(e))
     return 0
 
 

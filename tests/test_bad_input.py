@@ -10,7 +10,7 @@ import pytest
 
 import train
 import train_search
-import utils
+import runs
 from conftest import ROOT, run_script
 
 SEARCH_TINY = ["--dataset", "digits", "--layers", "3", "--epochs", "1", "--wandb", "disabled"]
@@ -32,8 +32,8 @@ def _files(tmp):
     (tmp / "energy_v99.json").write_text(json.dumps({"format": 99, "coefficients": {}, "meta": {}, "fit": {}}))
     (tmp / "not_a_ckpt.pt").write_text("hello, I am text")
     (tmp / "a_file").write_text("x")
-    utils.save_checkpoint(str(tmp / "train_ckpt.pt"), "train", {"epoch": 0, "args": {}})
-    utils.save_checkpoint(str(tmp / "search_ckpt.pt"), "search", {"epoch": 0, "args": {}})
+    runs.save_checkpoint(str(tmp / "train_ckpt.pt"), "train", {"epoch": 0, "args": {}})
+    runs.save_checkpoint(str(tmp / "search_ckpt.pt"), "search", {"epoch": 0, "args": {}})
     # A search checkpoint of the `cheap` space with 3 layers: resuming it as another space must fail.
     _, args, _ = train_search.parse_args(SEARCH_TINY + ["--primitives", "cheap", "--log_dir", str(tmp / "other"),
                                                         "--run_name", "cheap"])
@@ -41,7 +41,7 @@ def _files(tmp):
     space = {"primitives": list(args.primitives), "layers": args.layers, "init_channels": args.init_channels,
              "partial_channels": args.partial_channels, "dataset": args.dataset}
     os.makedirs(tmp / "other" / "cheap")
-    utils.save_checkpoint(str(tmp / "other" / "cheap" / "checkpoint.pt"), "search",
+    runs.save_checkpoint(str(tmp / "other" / "cheap" / "checkpoint.pt"), "search",
                           {"epoch": 0, "args": vars(args), "space": space})
 
 

@@ -8,7 +8,7 @@ import genotypes as G
 import train_search
 from model_search import Network, derive, guard_derivation
 from search_control import BudgetController, CollapseStopper
-from utils import RunControl
+from runs import RunControl
 
 PRIMS = G.PRIMITIVE_SETS["darts"]  # none, max_pool, avg_pool, skip, sep3, sep5, dil3, dil5
 IDX = {p: k for k, p in enumerate(PRIMS)}

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import runs
 import utils
 from conftest import ROOT, run_script
 
@@ -29,7 +30,7 @@ def rows(run_dir):
 
 
 def ckpt(run_dir, kind):
-    return utils.load_checkpoint(run_dir, kind)
+    return runs.load_checkpoint(run_dir, kind)
 
 
 def start(cmd, log_dir, name):
@@ -130,15 +131,15 @@ def test_search_nan_from_the_start_exits_3(tmp_path):
 
 def test_failed_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    utils.save_checkpoint(path, "search", {"epoch": 0, "w": torch.arange(5)})
+    runs.save_checkpoint(path, "search", {"epoch": 0, "w": torch.arange(5)})
 
     def boom(src, dst):
         raise OSError("disk full")
     monkeypatch.setattr(utils.os, "replace", boom)
     with pytest.raises(OSError):
-        utils.save_checkpoint(path, "search", {"epoch": 1, "w": torch.zeros(5)})
+        runs.save_checkpoint(path, "search", {"epoch": 1, "w": torch.zeros(5)})
     monkeypatch.undo()
-    c = utils.load_checkpoint(str(tmp_path), "search")
+    c = runs.load_checkpoint(str(tmp_path), "search")
     assert c["epoch"] == 0 and torch.equal(c["w"], torch.arange(5))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # the temp file was removed
 
@@ -146,18 +147,18 @@ def test_failed_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_sigkill_between_temp_write_and_rename_loses_nothing(tmp_path):
     """A child writes a checkpoint, then is SIGKILLed inside the second save just before the rename."""
     code = f"""
-import os, signal, torch, utils
+import os, signal, torch, runs, utils
 path = {str(tmp_path / 'checkpoint.pt')!r}
-utils.save_checkpoint(path, "train", {{"epoch": 0, "w": torch.ones(3)}})
+runs.save_checkpoint(path, "train", {{"epoch": 0, "w": torch.ones(3)}})
 def die(src, dst):
     assert os.path.getsize(src) > 0  # the new checkpoint is fully written to the temp file
     os.kill(os.getpid(), signal.SIGKILL)
 utils.os.replace = die
-utils.save_checkpoint(path, "train", {{"epoch": 1, "w": torch.zeros(3)}})
+runs.save_checkpoint(path, "train", {{"epoch": 1, "w": torch.zeros(3)}})
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == -signal.SIGKILL, res.stderr
     left = sorted(os.listdir(tmp_path))
     assert "checkpoint.pt" in left and len(left) == 2 and left[0].startswith(".checkpoint.pt.")  # the orphan temp
-    c = utils.load_checkpoint(str(tmp_path), "train")  # the folder resolves to checkpoint.pt, never the temp
+    c = runs.load_checkpoint(str(tmp_path), "train")  # the folder resolves to checkpoint.pt, never the temp
     assert c["epoch"] == 0 and torch.equal(c["w"], torch.ones(3))
