@@ -62,6 +62,12 @@ class GenotypeError(CLIError, ValueError):
     """A genotype (file, name or primitive list) that cannot be used; the message says why."""
 
 
+def edge_rows(pairs: Sequence[Sequence[Any]]) -> List[int]:
+    """For a cell's (op, input) pairs, two per node, the row of each pair's edge in the supernet's (edges x ops)
+    alphas: node i's incoming edges start at row 2 + 3 + ... + (i + 1)."""
+    return [sum(2 + n for n in range(p // 2)) + j for p, (_, j) in enumerate(pairs)]
+
+
 def parse_primitives(spec: str) -> List[str]:
     """A primitive set name (`darts`, `cheap`, ...) or a comma list of op names, validated against OPS."""
     if spec in PRIMITIVE_SETS:

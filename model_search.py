@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genotypes import Genotype
+from genotypes import Genotype, edge_rows
 from layout import BatchNorm2d, LayoutMixin, like
 from operations import OPS, POOLS, EnergyOp, FactorizedReduce, ReLUConvBN, attach_estimator
 
@@ -266,7 +266,7 @@ class Network(LayoutMixin, nn.Module):
         w = self.derivation_weights()
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
         normal = derive(w["normal"], self.primitives, self.steps)
-        normal = guard_derivation(w["normal"], self.primitives, normal, self.steps, max_skip, min_parametric, actions)
+        normal = guard_derivation(w["normal"], self.primitives, normal, max_skip, min_parametric, actions)
         return Genotype(normal, concat, derive(w["reduce"], self.primitives, self.steps), concat)
 
 
@@ -285,7 +285,7 @@ def derive(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps:
 
 
 def guard_derivation(weights: Sequence[Sequence[float]], primitives: Sequence[str], gene: Sequence[Tuple[str, int]],
-                     steps: int, max_skip: Optional[int] = None, min_parametric: int = 0,
+                     max_skip: Optional[int] = None, min_parametric: int = 0,
                      actions: Optional[List[str]] = None) -> List[Tuple[str, int]]:
     """P-DARTS-style guards on a derived cell `gene` (from `derive(weights, ...)`): while it holds more than
     `max_skip` skip_connects, the weakest one (by its own softmax weight) becomes its edge's best parametric op;
@@ -298,10 +298,7 @@ def guard_derivation(weights: Sequence[Sequence[float]], primitives: Sequence[st
     if (max_skip is None and min_parametric <= 0) or not parametric:
         return gene
     index = {p: k for k, p in enumerate(primitives)}
-    rows, start = [], 0  # the weight row of each gene entry
-    for i in range(steps):
-        rows += [start + gene[2 * i + e][1] for e in (0, 1)]
-        start += 2 + i
+    rows = edge_rows(gene)  # the weight row of each gene entry
 
     def rewrite(pos: int, why: str) -> None:
         op, j = gene[pos]

@@ -90,7 +90,7 @@ Pair = Tuple[str, int]
 
 def project_to_budget(cells: Dict[str, List[Pair]], weights: Dict[str, Sequence[Sequence[float]]],
                       primitives: Sequence[str], cost: Callable[[str, str, int], float], base: float,
-                      budget_mj: float, steps: int = 4, max_skip: Optional[int] = None, min_parametric: int = 0,
+                      budget_mj: float, max_skip: Optional[int] = None, min_parametric: int = 0,
                       actions: Optional[List[str]] = None, tolerance: float = 0.05) -> Dict[str, List[Pair]]:
     """The derived cells (`{"normal": pairs, "reduce": pairs}`) with ops swapped until the network's energy
     `base + sum cost(kind, op, input)` (mJ) lies in [(1 - tolerance) budget, budget], keeping each node's inputs.
@@ -103,13 +103,12 @@ def project_to_budget(cells: Dict[str, List[Pair]], weights: Dict[str, Sequence[
     cell spends it. The normal cell's guards hold throughout (never more than `max_skip` skip_connects, never fewer
     than `min_parametric` parametric ops than it already has). Out of reach, the result is the cheapest (or
     dearest) cell reachable. `actions` receives one line per swap."""
+    from genotypes import edge_rows
     from operations import is_parametric
     usable = [k for k, p in enumerate(primitives) if p != "none"]
     index = {p: k for k, p in enumerate(primitives)}
     cells = {kind: list(pairs) for kind, pairs in cells.items()}
-    rows = {}
-    for kind, pairs in cells.items():  # the weight row of each pair: node i's edges start at sum(2..i+1)
-        rows[kind] = [sum(2 + n for n in range(p // 2)) + j for p, (_, j) in enumerate(pairs)]
+    rows = {kind: edge_rows(pairs) for kind, pairs in cells.items()}
 
     def score(kind: str, p: int, k: int) -> float:
         return math.log(max(weights[kind][rows[kind][p]][k], 1e-30))

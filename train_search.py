@@ -285,17 +285,16 @@ class Search:
         genotype = self.model.genotype(self.args.max_skip, self.args.min_parametric, actions)
         return genotype, actions
 
-    def derived(self):
-        """The genotype this run writes: `guarded()`, then projected onto --energy_budget when one is set."""
-        genotype, actions = self.guarded()
+    def project(self, genotype, actions: List[str]):
+        """The genotype this run writes: `genotype` (guarded) projected onto --energy_budget when one is set."""
         a = self.args
-        if self.budget is not None:
-            costs = self.cell_costs()
-            cells = project_to_budget({"normal": genotype.normal, "reduce": genotype.reduce},
-                                      self.model.derivation_weights(), a.primitives, costs.cost, costs.base,
-                                      a.energy_budget, self.model.steps, a.max_skip, a.min_parametric, actions)
-            genotype = G.Genotype(cells["normal"], genotype.normal_concat, cells["reduce"], genotype.reduce_concat)
-        return genotype, actions
+        if self.budget is None:
+            return genotype
+        costs = self.cell_costs()
+        cells = project_to_budget({"normal": genotype.normal, "reduce": genotype.reduce},
+                                  self.model.derivation_weights(), a.primitives, costs.cost, costs.base,
+                                  a.energy_budget, a.max_skip, a.min_parametric, actions)
+        return G.Genotype(cells["normal"], genotype.normal_concat, cells["reduce"], genotype.reduce_concat)
 
     def cell_costs(self) -> CellCosts:
         """Per-op energies of the network train.py builds (measured once; the budget prices every step with it)."""
@@ -326,7 +325,7 @@ class Search:
 
     def run(self, tracker: Tracker, control: RunControl) -> Dict[str, Any]:
         a, log = self.args, self.log
-        genotype = self.derived()[0]
+        genotype = self.project(*self.guarded())
         if self.pending_rng is not None:
             utils.set_rng_state(self.pending_rng)
         for epoch in range(self.start_epoch, a.epochs):
@@ -347,14 +346,15 @@ class Search:
                 row.update(self.infer())
             self.scheduler.step()
             unguarded = self.model.genotype()
-            genotype, actions = self.derived()
+            guarded, actions = self.guarded()
+            genotype = self.project(guarded, actions)
             for line in actions:
                 log.info(line)
             row["guard_actions"] = len(actions)
             row["unguarded_normal_skip"] = CollapseStopper.skips(unguarded)
             if self.budget is not None:  # where the search itself stands, before the projection onto the budget
                 row["budget_lambda"] = self.budget.lam
-                row["unprojected_energy_mj"] = self.cell_costs().total(self.guarded()[0])
+                row["unprojected_energy_mj"] = self.cell_costs().total(guarded)
             alphas = self.model.softmaxed_alphas()
             row["genotype_energy_mj"] = self.energy_mj(genotype)
             row.update(cell_stats(genotype, alphas))

@@ -32,7 +32,7 @@ def test_max_skip_rewrites_collapsed_cell_with_next_best_parametric_ops():
     plain = derive(w, PRIMS, 4)
     assert [op for op, _ in plain] == ["skip_connect"] * 8
     actions = []
-    guarded = guard_derivation(w, PRIMS, plain, 4, max_skip=2, min_parametric=2, actions=actions)
+    guarded = guard_derivation(w, PRIMS, plain, max_skip=2, min_parametric=2, actions=actions)
     assert sum(op == "skip_connect" for op, _ in guarded) == 2
     assert [j for _, j in guarded] == [j for _, j in plain]  # same 2 inputs per node
     # the two strongest skips (highest edges: node 5) survive; every other edge takes its best parametric op
@@ -50,8 +50,8 @@ def test_min_parametric_stops_pools_filling_the_cell_and_defaults_are_darts():
         row[IDX["skip_connect"]] = 0.01
     plain = derive(w, PRIMS, 4)
     assert all(op == "max_pool_3x3" for op, _ in plain)
-    assert guard_derivation(w, PRIMS, plain, 4) == plain  # guards off: DARTS as is
-    guarded = guard_derivation(w, PRIMS, plain, 4, max_skip=2, min_parametric=2)
+    assert guard_derivation(w, PRIMS, plain) == plain  # guards off: DARTS as is
+    guarded = guard_derivation(w, PRIMS, plain, max_skip=2, min_parametric=2)
     assert sum(op.startswith(("sep", "dil")) for op, _ in guarded) == 2
     net = Network(4, 10, 3, PRIMS, in_channels=1)
     with torch.no_grad():
