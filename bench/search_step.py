@@ -11,7 +11,6 @@ its own (CPU: peak RSS; CUDA: max allocated).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Dict, List
@@ -28,8 +27,8 @@ from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
 from layout import want_channels_last  # noqa: E402
-from utils import compile_cells  # noqa: E402
 from timing import interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
+from utils import atomic_write_json, compile_cells  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [
@@ -162,8 +161,7 @@ def main() -> int:
         print(f"energy term alone (forward + backward, once per architect step): {1e3 * term:.1f} ms = "
               f"{100 * term / rows[default]['step_s']:.2f} % of the default step")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+        atomic_write_json(args.json, rows)
     return 0
 
 

@@ -9,7 +9,6 @@ the first row (`fp32`); peak memory is measured per configuration in a process o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Dict, List
@@ -24,6 +23,7 @@ import genotypes as G  # noqa: E402
 from datasets import known_info  # noqa: E402
 from model import build_network  # noqa: E402
 from timing import interleaved_medians, memory_in_child, peak_memory_mb  # noqa: E402
+from utils import atomic_write_json  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [
     {"name": "fp32", "channels_last": False, "amp": False},
@@ -109,8 +109,7 @@ def main() -> int:
         print(f"{r['config']:<22}{r['step_s']:>9.3f}{r['images_per_s']:>9.1f}"
               f"{r['images_per_s'] / base['images_per_s']:>8.2f}{mem}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+        atomic_write_json(args.json, rows)
     return 0
 
 
