@@ -108,6 +108,8 @@ def resolve(args: argparse.Namespace) -> None:
         raise utils.CLIError("search on --dataset imagenet is not supported (DARTS transfers a CIFAR cell); "
                              "use imagefolder with small images")
     args.primitives = G.parse_primitives(args.primitives) if isinstance(args.primitives, str) else args.primitives
+    if args.layers < 3:  # reductions sit at layers // 3 and 2 * layers // 3: fewer layers leave no normal cell
+        raise utils.CLIError(f"--layers {args.layers} leaves no normal cell to search; use at least 3")
     if args.init_channels % args.partial_channels or (args.init_channels // args.partial_channels) % 2:
         raise utils.CLIError(f"--partial_channels {args.partial_channels} must divide --init_channels "
                              f"{args.init_channels} into an even width")

@@ -63,6 +63,7 @@ CASES = [  # (id, script, extra flags, a word the error line must contain)
     ("search-lr-neg", "search", ["--learning_rate", "-0.1"], "learning_rate"),
     ("train-lr-text", "train", ["--learning_rate", "fast"], "learning_rate"),
     ("search-batch-0", "search", ["--batch_size", "0"], "batch_size"),
+    ("search-layers-2", "search", ["--layers", "2"], "--layers 2"),
     ("train-batch-0", "train", ["--batch_size", "0"], "batch_size"),
     ("search-cuda", "search", ["--device", "cuda"], "CUDA"),
     ("train-cuda", "train", ["--device", "cuda"], "CUDA"),
