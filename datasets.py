@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import distributed
-from utils import CLIError
+from cliargs import CLIError
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as tdist
 from torch.utils.data import Sampler
 
+from cliargs import positive_float
+
 DEFAULT_TIMEOUT_S = 1800
 
 
@@ -25,7 +27,6 @@ class DivergenceError(RuntimeError):
 
 def add_args(p) -> None:
     """The one flag of distributed runs (torchrun sets the rest through RANK / WORLD_SIZE / LOCAL_RANK)."""
-    from utils import positive_float  # lazy: utils imports this module
     p.add_argument("--dist_timeout", type=positive_float, default=DEFAULT_TIMEOUT_S,
                    help="under torchrun: seconds a rank waits for the others before the job fails (a dead rank)")
 

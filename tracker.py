@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Any, Dict, Iterable, Optional
 
-from utils import CLIError
+from cliargs import CLIError
 
 # -------------------------------------------------------------------------------------------------- wandb
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 import distributed
+from cliargs import (CLIError, explicit_flags, fraction, nonneg_float, nonneg_int, positive_float,  # noqa: F401
+                     positive_int, unit_float)
 
 # ----------------------------------------------------------------------------------------------- safe writes
 
@@ -64,36 +66,6 @@ def sha256_file(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ argument checks
-
-
-def _typed(cast, ok, what: str):
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    parse.__name__ = what
-    return parse
-
-
-positive_int = _typed(int, lambda v: v > 0, "a positive integer")
-nonneg_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _typed(float, lambda v: np.isfinite(v) and v > 0, "a positive number")
-nonneg_float = _typed(float, lambda v: np.isfinite(v) and v >= 0, "a non-negative number")
-fraction = _typed(float, lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
-unit_float = _typed(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-
-
-class CLIError(Exception):
-    """Bad input found after parsing; the scripts print it as one line and exit with status 2."""
-
-
-def explicit_flags(argv: Iterable[str]) -> set:
-    """Names (dest form) of the long flags given on the command line, to tell them from defaults."""
-    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
