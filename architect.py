@@ -31,7 +31,11 @@ class Architect:
         self.unrolled = unrolled
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate, betas=(0.5, 0.999),
                                           weight_decay=arch_weight_decay)
-        self.last: Dict[str, float] = {}
+
+    def set_hyperparameters(self, learning_rate: float, weight_decay: float) -> None:
+        """New learning rate and weight decay of the alphas' Adam (a resume that overrides them)."""
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = learning_rate, weight_decay
 
     # --------------------------------------------------------------------------------------------- losses
     def normalized_energy(self, energy: torch.Tensor) -> torch.Tensor:
@@ -45,7 +49,6 @@ class Architect:
         task = F.cross_entropy(logits, target)
         task_n = task / math.log(logits.shape[1])
         energy_n = self.normalized_energy(energy)
-        self.last = {"task_loss": task.item(), "energy_normalized": energy_n.item()}
         return self.task_weight * task_n + self.energy_weight * energy_n
 
     def _val_loss(self, model_out, target) -> torch.Tensor:

@@ -126,9 +126,24 @@ def _image_folder(root: str, split: str, train: bool, size: int, augment: bool, 
     if train and cutout > 0:
         steps.append(Cutout(cutout))
     try:
-        return torchvision.datasets.ImageFolder(folder, transform=T.Compose(steps))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"{folder}: {e}") from None
+        ds = torchvision.datasets.ImageFolder(folder, transform=T.Compose(steps), loader=_load_image)
+    except (FileNotFoundError, RuntimeError, OSError) as e:
+        raise DataError(f"{folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if train and len(ds.classes) < 2:
+        raise DataError(f"{folder} holds {len(ds.classes)} class folder(s): a classifier needs at least two "
+                        f"(one sub-folder per class)")
+    return ds
+
+
+def _load_image(path: str):
+    """An RGB image; an unreadable or corrupt file is a DataError naming it (raised when the loader reaches it)."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"unreadable image {path} ({type(e).__name__}); remove or replace it") from None
 
 
 def load_dataset(name: str, root: str, train: bool, augment: bool = True, cutout: int = 0,
@@ -155,27 +170,6 @@ def targets_of(ds: Dataset) -> np.ndarray:
     if hasattr(ds, "targets"):
         return np.asarray(ds.targets)
     return np.asarray([ds[i][1] for i in range(len(ds))])
-
-
-# Per-data-set defaults of the two scripts: CIFAR-10 follows DARTS exactly (reference.md); `digits` is sized to
-# finish on a laptop CPU in minutes; `other` covers every data set not named. A flag given explicitly wins.
-SEARCH_DEFAULTS = {
-    "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, weight_decay=3e-4,
-              epochs=50, init_channels=16, layers=8, train_portion=0.5, grad_clip=5.0, arch_learning_rate=3e-4,
-              arch_weight_decay=1e-3, workers=2, threads=0),
-    "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=5,
-                   arch_learning_rate=3e-3, workers=0),
-}
-TRAIN_DEFAULTS = {
-    "*": dict(batch_size=96, learning_rate=0.025, momentum=0.9, weight_decay=3e-4, epochs=600, init_channels=36,
-              layers=20, drop_path_prob=0.2, grad_clip=5.0, cutout_length=16, auxiliary_weight=0.4, workers=2,
-              lr_schedule="cosine", label_smoothing=0.0, threads=0),
-    "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=6, drop_path_prob=0.1,
-                   cutout_length=3, workers=0, threads=1),
-    "imagenet": dict(batch_size=128, learning_rate=0.1, epochs=250, init_channels=48, layers=14,
-                     drop_path_prob=0.0, weight_decay=3e-5, lr_schedule="exponential", gamma=0.97,
-                     label_smoothing=0.1, workers=4),
-}
 
 
 def _loader(ds, batch_size: int, workers: int, device, sampler=None, shuffle: bool = False, drop_last=False):

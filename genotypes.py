@@ -62,12 +62,6 @@ class GenotypeError(CLIError, ValueError):
     """A genotype (file, name or primitive list) that cannot be used; the message says why."""
 
 
-def edge_rows(pairs: Sequence[Sequence[Any]]) -> List[int]:
-    """For a cell's (op, input) pairs, two per node, the row of each pair's edge in the supernet's (edges x ops)
-    alphas: node i's incoming edges start at row 2 + 3 + ... + (i + 1)."""
-    return [sum(2 + n for n in range(p // 2)) + j for p, (_, j) in enumerate(pairs)]
-
-
 def parse_primitives(spec: str) -> List[str]:
     """A primitive set name (`darts`, `cheap`, ...) or a comma list of op names, validated against OPS."""
     if spec in PRIMITIVE_SETS:
@@ -106,7 +100,7 @@ def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise GenotypeError(f"{where}: {kind}[{i}] must be [op, input], got {pair!r}")
             op, idx = pair
-            if op not in OPS or op == "none":
+            if not isinstance(op, str) or op not in OPS or op == "none":
                 raise GenotypeError(f"{where}: {kind}[{i}] names unknown op {op!r}; valid: "
                                     f"{', '.join(o for o in OPS if o != 'none')}")
             node = i // 2
@@ -115,7 +109,7 @@ def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
                                     f"(must be 0..{node + 1})")
             clean.append((op, idx))
         steps = len(pairs) // 2
-        if (not isinstance(concat, (list, tuple, range)) or not list(concat)
+        if (not isinstance(concat, (list, tuple, range)) or not concat
                 or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < steps + 2 for c in concat)):
             raise GenotypeError(f"{where}: '{kind}_concat' must list node indices in 0..{steps + 1}")
         cells[kind] = (clean, list(concat))
@@ -155,18 +149,39 @@ def save(genotype: Genotype, path: str, primitives: Optional[Sequence[str]] = No
 
 def load(path: str) -> Genotype:
     """Read and validate a genotype file; GenotypeError with a one-line reason otherwise."""
+    return load_with_meta(path)[0]
+
+
+# Types of the metadata keys the project reads back (other keys pass through untouched).
+META_TYPES = {"dataset": str, "search_run": str, "early_stop": str, "eval_channels": int, "eval_layers": int,
+              "seed": int, "epoch": int, "energy_batch_size": int, "energy_mj": (int, float),
+              "valid_acc": (int, float), "energy_weight": (int, float), "task_weight": (int, float),
+              "energy_budget_mj": (int, float), "guards": dict}
+
+
+def load_with_meta(path: str):
+    """(Genotype, meta) of a genotype file, `meta` holding `primitives` too; every field the project reads is
+    type-checked, and a bad file is one GenotypeError naming the file and the field."""
+    import jsonfile
+    where = f"genotype file {path}"
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise GenotypeError(f"genotype file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenotypeError(f"genotype file {path} is not valid JSON ({e})") from None
-    return from_dict(data, where=f"genotype file {path}")
+        data = jsonfile.read(path, "genotype file")
+        genotype = from_dict(data, where=where)
+        meta = jsonfile.get(data, "meta", dict, where, {})
+        primitives = jsonfile.get(data, "primitives", list, where, None)
+        for i, p in enumerate(primitives or []):
+            jsonfile.expect(p, str, f"{where}: primitives[{i}]")
+        for key, types in META_TYPES.items():
+            if meta.get(key) is not None:
+                jsonfile.expect(meta[key], types, f"{where}: meta '{key}'")
+        for key in ("eval_channels", "eval_layers", "energy_batch_size"):
+            if meta.get(key) is not None:
+                jsonfile.positive(meta[key], f"{where}: meta '{key}'")
+    except jsonfile.JSONFileError as e:
+        raise GenotypeError(str(e)) from None
+    return genotype, {**meta, "primitives": primitives}
 
 
 def load_meta(path: str) -> Dict[str, Any]:
-    """The `meta` and `primitives` of a genotype file (no validation of the cells)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return {"primitives": data.get("primitives"), **data.get("meta", {})}
+    """The `meta` and `primitives` of a genotype file, type-checked."""
+    return load_with_meta(path)[1]

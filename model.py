@@ -36,6 +36,11 @@ class Cell(nn.Module):
         self._ops = nn.ModuleList(OPS[name](C, 2 if reduction and idx < 2 else 1, True) for name, idx in pairs)
         self.reduction = reduction
 
+    @property
+    def ops(self) -> nn.ModuleList:
+        """The op of each (op, input) pair of the genotype, in its order."""
+        return self._ops
+
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for i in range(self.steps):
@@ -157,12 +162,6 @@ def build_network(genotype: Genotype, C: int, num_classes: int, layers: int, aux
     """The network `train.py` trains for a genotype."""
     cls = NetworkImageNet if imagenet else NetworkCIFAR
     return cls(C, num_classes, layers, auxiliary, genotype, in_channels, image_size)
-
-
-def network_energy(model: nn.Module, estimator, in_channels: int, image_size: int) -> float:
-    """Estimated inference energy of `model` in J per image at the estimator's deployment batch size."""
-    shape = (estimator.batch_size, in_channels, image_size, image_size)
-    return float(estimator.model_energy(model, shape))
 
 
 @dataclass

@@ -14,9 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genotypes import Genotype, edge_rows
+import functools
+
+from derivation import derivable, derive, derive_genotype, guard_derivation  # noqa: F401 (re-exported)
+from genotypes import Genotype
 from layout import BatchNorm2d, LayoutMixin, like
-from operations import OPS, POOLS, EnergyOp, FactorizedReduce, ReLUConvBN, attach_estimator
+from operations import OPS, POOLS, FactorizedReduce, ReLUConvBN, attach_estimator
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -33,7 +36,7 @@ class MixedOp(nn.Module):
         self.k = partial_channels
         self.stride = stride
         self.primitives = list(primitives)
-        self.derivable = [i for i, p in enumerate(self.primitives) if p != "none"]
+        self.derivable = derivable(self.primitives)
         # The `none` op adds w * 0: skipping it gives the same output and gradients without a full-size zero tensor.
         self.active = [i for i in range(len(self.primitives)) if not (skip_none and self.primitives[i] == "none")]
         width = C // self.k
@@ -42,7 +45,7 @@ class MixedOp(nn.Module):
         for i, name in enumerate(self.primitives):
             op = OPS[name](width, stride, False)
             if self.k > 1:  # price the op at the full width it will have in the derived network
-                object.__setattr__(op, "price_as", OPS[name](C, stride, False))
+                op.priced_as = functools.partial(OPS[name], C, stride, False)
             self._ops.append(op)
             if name in POOLS:
                 self._post[str(i)] = BatchNorm2d(width, affine=False)
@@ -50,10 +53,14 @@ class MixedOp(nn.Module):
             self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self._energy_vec: Optional[torch.Tensor] = None
 
+    def derivable_ops(self):
+        """The ops derivation may choose (every op but `none`), in primitive order."""
+        return [self._ops[i] for i in self.derivable]
+
     def op_energies(self) -> torch.Tensor:
         """Cached energies (J per sample) of the derivable ops, as a float64 tensor (rebuilt when they change)."""
         vec = self._energy_vec
-        values = [self._ops[i].energy for i in self.derivable]
+        values = [op.energy for op in self.derivable_ops()]
         if vec is None or vec.tolist() != values:
             vec = self._energy_vec = torch.tensor(values, dtype=torch.float64)
         return vec
@@ -84,7 +91,7 @@ class MixedOp(nn.Module):
         return out, self.expected_energy(energy_weights)
 
     def energy_range(self) -> Tuple[float, float]:
-        e = [self._ops[i].energy for i in self.derivable]
+        e = [op.energy for op in self.derivable_ops()]
         return min(e), max(e)
 
 
@@ -161,7 +168,7 @@ class Network(LayoutMixin, nn.Module):
         if partial_channels > 1:  # PC-DARTS edge normalization
             self.betas_normal = nn.Parameter(1e-3 * torch.randn(k))
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(k))
-        self._derivable = [i for i, p in enumerate(self.primitives) if p != "none"]
+        self._derivable = derivable(self.primitives)
         self.estimator = None
         if estimator is not None:
             self.set_estimator(estimator)
@@ -233,9 +240,6 @@ class Network(LayoutMixin, nn.Module):
             lo, hi = lo + a, hi + b
         return lo, hi
 
-    def energy_known(self) -> bool:
-        return all(op._ops[i].energy_flag for op in self.mixed_ops() for i in op.derivable)
-
     # ----------------------------------------------------------------------------------------- derivation
     def softmaxed_alphas(self) -> dict:
         """Softmaxed alphas (and edge weights with partial channels), as nested lists for alphas.json."""
@@ -261,59 +265,8 @@ class Network(LayoutMixin, nn.Module):
     def genotype(self, max_skip: Optional[int] = None, min_parametric: int = 0,
                  actions: Optional[List[str]] = None) -> Genotype:
         """DARTS's rule: per node the 2 strongest incoming edges, on each the strongest non-`none` op. With
-        `max_skip` / `min_parametric` the normal cell is then guarded (`guard_derivation`; rewrites go to
-        `actions`); the defaults are plain DARTS."""
-        w = self.derivation_weights()
-        concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
-        normal = derive(w["normal"], self.primitives, self.steps)
-        normal = guard_derivation(w["normal"], self.primitives, normal, max_skip, min_parametric, actions)
-        return Genotype(normal, concat, derive(w["reduce"], self.primitives, self.steps), concat)
-
-
-def derive(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps: int) -> List[Tuple[str, int]]:
-    """DARTS derivation on one cell's (edges x ops) weights: `none` is never chosen nor counts for strength."""
-    usable = [k for k, p in enumerate(primitives) if p != "none"]
-    gene, start = [], 0
-    for i in range(steps):
-        W = weights[start:start + 2 + i]
-        edges = sorted(range(i + 2), key=lambda j: -max(W[j][k] for k in usable))[:2]
-        for j in edges:  # strongest first, as DARTS writes them
-            best = max(usable, key=lambda k: W[j][k])
-            gene.append((primitives[best], j))
-        start += 2 + i
-    return gene
-
-
-def guard_derivation(weights: Sequence[Sequence[float]], primitives: Sequence[str], gene: Sequence[Tuple[str, int]],
-                     max_skip: Optional[int] = None, min_parametric: int = 0,
-                     actions: Optional[List[str]] = None) -> List[Tuple[str, int]]:
-    """P-DARTS-style guards on a derived cell `gene` (from `derive(weights, ...)`): while it holds more than
-    `max_skip` skip_connects, the weakest one (by its own softmax weight) becomes its edge's best parametric op;
-    then, while it holds fewer than `min_parametric` parametric ops, the weakest parameter-free choice does. Each
-    node keeps its 2 inputs (only the op on a kept edge changes). `actions` receives one line per rewrite; nodes are
-    numbered as genotype inputs are (2 = the first intermediate node)."""
-    from operations import is_parametric
-    parametric = [k for k, p in enumerate(primitives) if p != "none" and is_parametric(p)]
-    gene = list(gene)
-    if (max_skip is None and min_parametric <= 0) or not parametric:
-        return gene
-    index = {p: k for k, p in enumerate(primitives)}
-    rows = edge_rows(gene)  # the weight row of each gene entry
-
-    def rewrite(pos: int, why: str) -> None:
-        op, j = gene[pos]
-        W = weights[rows[pos]]
-        best = max(parametric, key=lambda k: W[k])
-        gene[pos] = (primitives[best], j)
-        if actions is not None:
-            actions.append(f"{why} replaced {op} on edge (node {pos // 2 + 2}, input {j}) by {primitives[best]}")
-
-    def weakest(pred) -> Optional[int]:
-        cands = [p for p, (op, _) in enumerate(gene) if pred(op)]
-        return min(cands, key=lambda p: weights[rows[p]][index[gene[p][0]]]) if cands else None
-
-    while max_skip is not None and sum(op == "skip_connect" for op, _ in gene) > max_skip:
-        rewrite(weakest(lambda op: op == "skip_connect"), "max_skip")
-    while sum(is_parametric(op) for op, _ in gene) < min(min_parametric, len(gene)):
-        rewrite(weakest(lambda op: not is_parametric(op)), "min_parametric")
-    return gene
+        `max_skip` / `min_parametric` the normal cell is then guarded (`derivation.guard_derivation`; rewrites go
+        to `actions`); the defaults are plain DARTS."""
+        concat = range(2 + self.steps - self.multiplier, self.steps + 2)
+        return derive_genotype(self.derivation_weights(), self.primitives, self.steps, concat, max_skip,
+                               min_parametric, actions)

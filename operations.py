@@ -24,8 +24,10 @@ class EnergyOp(nn.Module):
         self.energy: float = 0.0
         self.energy_flag: int = 0
         self.estimator = None  # set by the network; a plain attribute, not a submodule
-        # Module priced instead of this one (partial channels price the full-width twin); None = self.
-        self.price_as: Optional[nn.Module] = None
+        # Partial channels (PC-DARTS) run an op at 1/K of the width but price it at the full width it will have in
+        # the derived network: `priced_as` builds that full-width twin. A factory, not a module: the twin holds no
+        # trained weights, so it stays out of parameters(), state_dict() and .to().
+        self.priced_as: Optional[Callable[[], nn.Module]] = None
         self._energy_shape: Optional[Tuple[int, ...]] = None
         self._estimating = False
 
@@ -43,16 +45,24 @@ class EnergyOp(nn.Module):
         shape = tuple(x.shape[1:])
         if self.energy_flag and shape == self._energy_shape:
             return
-        if self.price_as is not None:
-            shape = (self.price_as.in_channels,) + shape[1:]
         self._estimating = True  # the estimator runs this module's forward: do not recurse
         try:
-            target = self.price_as if self.price_as is not None else self
-            self.energy = float(self.estimator.op_energy(target, (self.estimator.batch_size,) + shape))
+            target = self.pricing_module()
+            priced = (target.in_channels,) + shape[1:] if target is not self else shape
+            self.energy = float(self.estimator.op_energy(target, (self.estimator.batch_size,) + priced))
         finally:
             self._estimating = False
         self._energy_shape = tuple(x.shape[1:])
         self.energy_flag = 1
+
+
+    def pricing_module(self) -> nn.Module:
+        """The module this op's energy is estimated on: itself, or its full-width twin (`priced_as`), built on
+        a forked RNG stream so that pricing never changes what the search draws next."""
+        if self.priced_as is None:
+            return self
+        with torch.random.fork_rng(devices=[]):
+            return self.priced_as()
 
 
 def attach_estimator(module: nn.Module, estimator) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import os
 import shlex
 import subprocess
@@ -20,9 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional
 
 import genotypes as G
+import jsonfile
+import options
 import runs
 import utils
-from datasets import DataInfo, known_info
+from cliargs import CLIError, fail, positive_int
 from tracker import Tracker, wandb_mode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,14 +33,14 @@ COLUMNS = ["energy_weight", "seed", "genotype_energy_mj", "params", "macs", "val
 
 
 def number_list(cast, what: str):
-    """argparse type: a comma list of non-negative numbers of type `cast`."""
+    """argparse type: a comma list of finite non-negative numbers of type `cast`."""
     def parse(text: str) -> list:
         try:
             values = [cast(v) for v in text.split(",") if v.strip()]
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {what}") from None
-        if not values or any(v < 0 for v in values):
-            raise argparse.ArgumentTypeError(f"{text!r} must list non-negative {what}")
+        if not values or any(not math.isfinite(v) or v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r} must list finite non-negative {what}")
         return values
     return parse
 
@@ -46,13 +49,22 @@ floats, ints = number_list(float, "numbers"), number_list(int, "integers")
 
 
 def search_finished(run_dir: str) -> bool:
-    """A search is finished when metrics.jsonl holds every epoch its args.json asked for."""
-    args = utils.read_json(os.path.join(run_dir, "args.json"))
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if not args or not os.path.isfile(metrics) or not os.path.isfile(os.path.join(run_dir, "genotype.json")):
+    """A search is finished when its genotype.json says it stopped early, or metrics.jsonl holds every epoch its
+    args.json asked for. Damaged files are one CLIError naming them."""
+    args_path, metrics = os.path.join(run_dir, "args.json"), os.path.join(run_dir, "metrics.jsonl")
+    genotype = os.path.join(run_dir, "genotype.json")
+    if not all(os.path.isfile(p) for p in (args_path, metrics, genotype)):
         return False
-    with open(metrics, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip()) >= args["epochs"]
+    if G.load_meta(genotype).get("early_stop"):
+        return True
+    epochs = jsonfile.positive(jsonfile.get(read_args(run_dir), "epochs", int, f"{args_path}"), f"{args_path}: 'epochs'")
+    return len(jsonfile.read_lines(metrics, "metrics file")) >= epochs
+
+
+def read_args(run_dir: str) -> dict:
+    """A run folder's args.json as an object ({} when the folder has none)."""
+    path = os.path.join(run_dir, "args.json")
+    return jsonfile.expect(jsonfile.read(path, "args file", {}), dict, f"args file {path}")
 
 
 def run_command(cmd: List[str], log_path: str) -> int:
@@ -104,18 +116,21 @@ def execute(job: Dict[str, Any], sweep_dir: str, log) -> str:
 def collect(run_dir: str, estimator) -> Dict[str, Any]:
     """One pareto.csv row from a search run folder (and its train/ subfolder when trained)."""
     from model import build_network, network_report
-    args = utils.read_json(os.path.join(run_dir, "args.json")) or {}
-    path = os.path.join(run_dir, "genotype.json")
-    genotype, meta = G.load(path), G.load_meta(path)
-    info = known_info(meta.get("dataset", args.get("dataset", "cifar10"))) or DataInfo(3, 10, 32)
-    net = build_network(genotype, meta.get("eval_channels", 36), info.num_classes, meta.get("eval_layers", 20),
-                        False, info.in_channels, info.image_size)
+    args = read_args(run_dir)
+    genotype, meta = G.load_with_meta(os.path.join(run_dir, "genotype.json"))
+    _, info, channels, layers = options.evaluation_network(meta)
+    net = build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
     report = network_report(net.eval(), estimator, info)
-    summary = utils.read_json(os.path.join(run_dir, "train", "summary.json")) or {}
-    return {"energy_weight": args.get("energy_weight", meta.get("energy_weight")),
-            "seed": args.get("seed", meta.get("seed")), "genotype_energy_mj": report.energy_mj,
-            "params": report.params, "macs": report.macs, "valid_acc": meta.get("valid_acc"),
-            "test_acc": summary.get("test_acc"), "run": os.path.abspath(run_dir)}
+    summary_path = os.path.join(run_dir, "train", "summary.json")
+    summary = jsonfile.expect(jsonfile.read(summary_path, "summary file", {}), dict, summary_path)
+    where = f"run {run_dir}"
+    return {"energy_weight": jsonfile.expect(args.get("energy_weight", meta.get("energy_weight")), (int, float),
+                                             f"{where}: energy_weight"),
+            "seed": jsonfile.expect(args.get("seed", meta.get("seed")), (int, type(None)), f"{where}: seed"),
+            "genotype_energy_mj": report.energy_mj, "params": report.params, "macs": report.macs,
+            "valid_acc": meta.get("valid_acc"),
+            "test_acc": jsonfile.get(summary, "test_acc", (int, float), summary_path, None),
+            "run": os.path.abspath(run_dir)}
 
 
 def write_outputs(rows: List[Dict[str, Any]], out_dir: str, tracker: Tracker) -> Dict[str, str]:
@@ -135,20 +150,56 @@ def write_outputs(rows: List[Dict[str, Any]], out_dir: str, tracker: Tracker) ->
     return {"csv": csv_path, "png": png}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Accuracy-energy sweep over energy weights and seeds; unknown flags "
+OWN_FLAGS = ("--energy_weight", "--seed", "--log_dir", "--run_name", "--wandb", "--resume")
+
+
+def check_passthrough(args: argparse.Namespace, passthrough: List[str]) -> None:
+    """Dry-parse what goes to train_search.py (and --train_args to train.py) before launching anything: an
+    unknown flag or a bad value is one CLIError here, not a failed search later."""
+    import train
+    import train_search
+    clash = [f for f in passthrough if f.split("=", 1)[0] in OWN_FLAGS]
+    if clash:
+        raise CLIError(f"{', '.join(clash)}: pareto.py sets these for each search itself")
+    try:
+        train_args = shlex.split(args.train_args)
+    except ValueError as e:
+        raise CLIError(f"--train_args {args.train_args!r}: {e}") from None
+    dataset = ["--dataset", args.dataset] if args.dataset else []
+    for w in args.energy_weights:
+        search_args = dry_parse(train_search.build_parser(), "train_search.py", passthrough + dataset +
+                                ["--energy_weight", str(w)])
+        train_search.resolve(search_args)
+    if args.train:
+        train.resolve(dry_parse(train.build_parser(), "train.py", train_args + dataset + ["--genotype", "g.json"]))
+
+
+def dry_parse(parser: argparse.ArgumentParser, script: str, argv: List[str]) -> argparse.Namespace:
+    def error(message: str):
+        raise CLIError(f"flags for {script}: {message}")
+    parser.error = error
+    return parser.parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Accuracy-energy sweep over energy weights and seeds; unknown flags "
                                             "go to train_search.py.")
     p.add_argument("--energy_weights", type=floats, default=floats("0,0.02,0.05,0.1,0.2,0.5"))
     p.add_argument("--seeds", type=ints, default=ints("0,1,2"))
     p.add_argument("--dataset", default=None, help="passed to the search and the training")
     p.add_argument("--train", action="store_true", help="also train each derived genotype with train.py")
     p.add_argument("--train_args", default="", help="extra flags for train.py, quoted, e.g. \"--epochs 10\"")
-    p.add_argument("--jobs", type=utils.positive_int, default=1, help="searches run in parallel processes")
+    p.add_argument("--jobs", type=positive_int, default=1, help="searches run in parallel processes")
     p.add_argument("--from", dest="from_runs", nargs="+", default=None, help="plot these search run folders")
     p.add_argument("--log_dir", default="./log")
     p.add_argument("--run_name", default=None, help="default pareto-<timestamp>")
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled"])
     p.add_argument("--energy_model", default=None)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
     args, passthrough = p.parse_known_args(argv)
     args.wandb = wandb_mode(args.wandb)
     args.run_name = args.run_name or f"pareto-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -156,17 +207,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.from_runs:
             missing = [r for r in args.from_runs if not os.path.isfile(os.path.join(r, "genotype.json"))]
             if missing:
-                raise utils.CLIError(f"--from: no genotype.json in {', '.join(missing)}")
-        args.dataset_for_dir = args.dataset or "sweep"
-        sweep_dir = runs.make_run_dir(argparse.Namespace(log_dir=args.log_dir, run_name=args.run_name,
-                                                          dataset=args.dataset_for_dir), "pareto")
+                raise CLIError(f"--from: no genotype.json in {', '.join(missing)}")
+        else:
+            check_passthrough(args, passthrough)
         estimator = utils.load_estimator(args.energy_model, None)
-    except utils.CLIError as e:
+        with runs.RunFolder(argparse.Namespace(log_dir=args.log_dir, run_name=args.run_name,
+                                               dataset=args.dataset or "sweep"), "pareto", reuse=True) as folder:
+            return sweep(args, passthrough, folder.path, estimator)
+    except CLIError as e:
         p.print_usage(sys.stderr)
-        runs.fail(str(e))
+        fail(str(e))
+
+
+def sweep(args: argparse.Namespace, passthrough: List[str], sweep_dir: str, estimator) -> int:
+    """Run (or resume) the searches of the sweep, then write pareto.csv and pareto.png."""
     log = runs.setup_logging(sweep_dir)
     tracker = Tracker(args.wandb, sweep_dir, {**vars(args), "passthrough": passthrough}, "energy-aware-darts",
-                            args.run_name, log=log)
+                      args.run_name, log=log)
     if args.from_runs:
         run_dirs = args.from_runs
     else:
@@ -180,10 +237,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_dirs = [j["run_dir"] for j in jobs if os.path.isfile(os.path.join(j["run_dir"], "genotype.json"))]
     rows = [collect(d, estimator) for d in run_dirs]
     if not rows:
-        runs.fail("no finished search to plot", code=1)
+        tracker.finish()
+        fail("no finished search to plot", code=1)
     out = write_outputs(rows, sweep_dir, tracker)
     tracker.finish()
-    for r in sorted(rows, key=lambda r: (r["energy_weight"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["energy_weight"], r["seed"] or 0)):
         log.info(f"w={r['energy_weight']:g} seed={r['seed']} energy {r['genotype_energy_mj']:.4f} mJ "
                  f"valid_acc {r['valid_acc']} test_acc {r['test_acc']}")
     log.info(f"wrote {out['csv']} and {out['png']}")

@@ -4,49 +4,122 @@ input into one line and an exit status."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
 import distributed
 from tracker import Tracker, wandb_mode
-from utils import CLIError, atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from cliargs import CLIError, fail  # noqa: F401 (fail: the scripts' one-line exit)
+from utils import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
 
 # --------------------------------------------------------------------------------------------- run folder
 
 
-def make_run_dir(args: argparse.Namespace, script: str) -> str:
-    """Create <log_dir>/<run_name>/ (an unwritable log_dir is a CLIError) and return its path."""
-    if not args.run_name:
-        args.run_name = f"{script}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.join(args.log_dir, args.run_name)
-    if not distributed.is_main():  # torchrun: only rank 0 creates and writes the run folder
-        return run_dir
-    created = _first_missing(run_dir)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".probe", delete=True)
-        probe.close()
-    except OSError as e:
-        raise CLIError(f"cannot write to --log_dir {args.log_dir} ({e.strerror}); choose a writable folder") from None
-    _NEW_RUN_DIRS[os.path.abspath(run_dir)] = created
-    return run_dir
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.=+,@-]{1,200}$")
+# Files that hold finished work: a new run never writes over a folder that has one (it is --resume'd instead).
+WORK_FILES = ("checkpoint.pt", "metrics.jsonl", "genotype.json", "summary.json", "weights.pt", "alphas.json")
 
 
-_NEW_RUN_DIRS: Dict[str, Optional[str]] = {}  # run folder -> the topmost folder this process created for it
+def check_run_name(name: str) -> str:
+    """`--run_name` is a plain folder name inside --log_dir: no path separators, no `..`, no hidden name."""
+    if not PLAIN_NAME.match(name) or name.startswith(".") or ".." in name:
+        raise CLIError(f"--run_name {name!r} is not a plain name (letters, digits and _ . = + , @ -, not starting "
+                       f"with '.', no '..' or path separators); the run goes to <log_dir>/<run_name>/")
+    return name
+
+
+class RunFolder:
+    """`<log_dir>/<run_name>/`, owned by one run for its lifetime (a context manager).
+
+    Entering it creates the folder and takes an exclusive lock on `<folder>/.lock` (flock: the kernel drops the
+    lock of a killed process, so a stale lock never blocks a resume). A second process on the same folder is
+    refused, and so is a new run (not --resume) in a folder that holds finished work (`WORK_FILES`). On leaving,
+    a folder this process created is removed again if the run wrote no checkpoint (bad input, a failure or a
+    stop during the first epoch), so a failed start leaves nothing behind and the same command can be run again.
+    `reuse=True` (pareto's sweep folder) lets a new process continue a folder that holds work."""
+
+    def __init__(self, args: argparse.Namespace, script: str, resume: bool = False, reuse: bool = False) -> None:
+        if not args.run_name:
+            args.run_name = f"{script}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_run_name(args.run_name)
+        self.path = os.path.join(args.log_dir, args.run_name)
+        self.log_dir, self.resume, self.reuse = args.log_dir, resume, reuse
+        self.created: Optional[str] = None
+        self._lock = None
+
+    def __enter__(self) -> "RunFolder":
+        if not distributed.is_main():  # torchrun: only rank 0 creates, locks and writes the run folder
+            return self
+        created = _first_missing(self.path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self._lock = open(os.path.join(self.path, ".lock"), "a+", encoding="utf-8")
+        except OSError as e:
+            raise CLIError(f"cannot write to --log_dir {self.log_dir} ({e.strerror}); choose a writable "
+                           f"folder") from None
+        self.created = created
+        try:
+            self._take_lock()
+            work = [f for f in WORK_FILES if os.path.exists(os.path.join(self.path, f))]
+            if work and not (self.resume or self.reuse):
+                raise CLIError(f"run folder {self.path} already holds a run ({', '.join(work)}): continue it "
+                               f"with --resume {self.path}, or choose a fresh --run_name")
+        except BaseException:
+            self._close(failed=True)
+            raise
+        return self
+
+    def _take_lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the folder checks still hold
+            return
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "?"
+            raise CLIError(f"run folder {self.path} is in use by another run (pid {owner}); wait for it to end, "
+                           f"or choose a fresh --run_name") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._close(failed=exc_type is not None)
+
+    def _close(self, failed: bool) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+        no_work = not os.path.exists(os.path.join(self.path, "checkpoint.pt"))
+        if self.created and (failed or (no_work and not self.reuse)):
+            release_log_file()
+            shutil.rmtree(self.created, ignore_errors=True)
+        self.created = None
+
+
+def release_log_file() -> None:
+    """Close log.txt (before its folder is removed)."""
+    log = logging.getLogger("eadarts")
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            h.close()
+            log.removeHandler(h)
 
 
 def _first_missing(path: str) -> Optional[str]:
@@ -58,23 +131,6 @@ def _first_missing(path: str) -> Optional[str]:
             break
         path = parent
     return missing
-
-
-@contextlib.contextmanager
-def discard_on_error(run_dir: str):
-    """Set-up of a run: on bad input (CLIError), remove the folders make_run_dir created for it, so a failed
-    start leaves nothing half-written. A resumed or pre-existing run folder is never removed."""
-    try:
-        yield
-    except CLIError:
-        created = _NEW_RUN_DIRS.pop(os.path.abspath(run_dir), None)
-        if created:
-            for h in list(logging.getLogger("eadarts").handlers):  # release log.txt before removing it
-                if isinstance(h, logging.FileHandler):
-                    h.close()
-                    logging.getLogger("eadarts").removeHandler(h)
-            shutil.rmtree(created, ignore_errors=True)
-        raise
 
 
 def resume_bookkeeping(log: logging.Logger, run_dir: str, ckpt: Dict[str, Any], args: argparse.Namespace,
@@ -130,6 +186,16 @@ def truncate_history(run_dir: str, last_epoch: int) -> int:
             dropped += len(history) - len(kept)
             atomic_write_json(path, kept)
     return dropped
+
+
+def last_row(run_dir: str) -> Dict[str, Any]:
+    """The last row of a run's metrics.jsonl ({} if it has none)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
 
 
 def git_commit() -> Optional[str]:
@@ -189,7 +255,8 @@ def save_checkpoint(path: str, kind: str, state: Dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str, kind: str) -> Dict[str, Any]:
-    """Load with weights_only=True; a missing, corrupt or foreign file is a CLIError."""
+    """Load with weights_only=True; a missing, corrupt or foreign file is a CLIError. Checks the keys every
+    checkpoint needs up front (`epoch`, `args`); `field` checks the rest where they are used."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
@@ -201,7 +268,72 @@ def load_checkpoint(path: str, kind: str) -> Dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else None
         raise CLIError(f"--resume {path} is not a {kind} checkpoint (found {found!r})")
+    ckpt["path"] = path
+    epoch = field(ckpt, "epoch", int)
+    if epoch < 0:
+        raise CLIError(f"--resume {path}: 'epoch' is {epoch}, not an epoch index")
+    field(ckpt, "args", dict)
     return ckpt
+
+
+_MISSING = object()
+
+
+def field(ckpt: Dict[str, Any], key: str, types, default: Any = _MISSING) -> Any:
+    """`ckpt[key]` if it has one of `types` (bools are not numbers); else the default or a CLIError naming the
+    checkpoint and the key."""
+    types = types if isinstance(types, tuple) else (types,)
+    value = ckpt.get(key, _MISSING)
+    if value is _MISSING or value is None and type(None) not in types:
+        if default is not _MISSING:
+            return default
+    ok = value is not _MISSING and isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = "/".join("null" if t is type(None) else t.__name__ for t in types)
+        got = "missing" if value is _MISSING else type(value).__name__
+        raise CLIError(f"--resume {ckpt.get('path', 'checkpoint')}: key {key!r} should be {names}, found {got}; "
+                       f"the checkpoint is damaged")
+    return value
+
+
+def load_state(target, state: Any, what: str) -> None:
+    """`target.load_state_dict(state)` with a damaged or foreign state as one CLIError line."""
+    try:
+        if not isinstance(state, dict):
+            raise TypeError(f"a {type(state).__name__}, not a state dict")
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"{what} in the checkpoint does not fit this run ({first[:300]})") from None
+
+
+def validate_saved_args(parser: argparse.ArgumentParser, saved: Dict[str, Any], where: str) -> None:
+    """Flags restored from a checkpoint or args.json must still be values the parser accepts: a damaged file is
+    one CLIError naming the flag, not a crash later."""
+    for action in parser._actions:
+        if action.dest not in saved or action.dest == "help":
+            continue
+        value = saved[action.dest]
+        if value is None or isinstance(value, list) and action.dest == "primitives":
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            ok = isinstance(value, bool)
+        elif action.choices is not None:
+            ok = isinstance(value, str) and value in action.choices
+        elif action.type is not None:
+            ok = isinstance(value, (int, float, str)) and not isinstance(value, bool) and _parses(action.type, value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise CLIError(f"{where}: the saved flag --{action.dest} = {value!r} is not valid; the file is damaged")
+
+
+def _parses(cast, value) -> bool:
+    try:
+        cast(str(value))
+        return True
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return False
 
 
 def start_run(args: argparse.Namespace, run_dir: str, device: torch.device, estimator, wandb_id: Optional[str],
@@ -216,57 +348,58 @@ def start_run(args: argparse.Namespace, run_dir: str, device: torch.device, esti
     return Tracker(wandb_mode(args.wandb), run_dir, vars(args), project, args.run_name, run_id=wandb_id, log=log)
 
 
-def restored_args(args: argparse.Namespace, explicit: set, script: str):
+def restored_args(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: set, script: str):
     """With --resume: the checkpoint and its flags, overridden by those given explicitly; else (None, args)."""
     if not args.resume:
         return None, args
     ckpt = load_checkpoint(args.resume, script)
+    validate_saved_args(parser, ckpt["args"], f"--resume {ckpt['path']}")
     return ckpt, merge_resumed_args(ckpt["args"], args, explicit)
 
 
-def open_run(args: argparse.Namespace, explicit: set, script: str, ckpt: Optional[Dict[str, Any]], make):
-    """Start the process group (torchrun), the run folder, the log, the script's runner `make(run_dir, log)` (with
-    .device, .estimator, .wandb_id) and the tracker; returns (runner, run_dir, log, tracker)."""
-    import distributed
-    distributed.init(args.device, args.dist_timeout)  # a no-op without torchrun
-    run_dir = make_run_dir(args, script)
-    with discard_on_error(run_dir):  # bad input found while setting up leaves no run folder behind
-        log = setup_logging(run_dir, distributed.rank())
-        runner = make(run_dir, log)
-    if ckpt is not None:
-        resume_bookkeeping(log, run_dir, ckpt, args, explicit)
-    tracker = start_run(args, run_dir, runner.device, runner.estimator, runner.wandb_id, log)
-    runner.wandb_id = tracker.run_id
-    return runner, run_dir, log, tracker
-
-
-def run_epochs(runner, tracker: "Tracker") -> Tuple[Dict[str, Any], int]:
-    """runner.run under SIGINT/SIGTERM control; returns (result, exit status: 128 + signal when stopped)."""
-    with RunControl() as control:
-        result = runner.run(tracker, control)
-    if result["stopped"]:
-        tracker.finish()
-        return result, 128 + control.signal_number
-    return result, 0
-
-
 def guarded_main(parser: argparse.ArgumentParser, run, args: argparse.Namespace, explicit: set) -> int:
-    """Run a script's body; bad input -> usage + one line + exit 2; a non-finite loss -> one line + exit 3."""
+    """Run a script's body: bad input -> usage + one line + exit 2; a non-finite loss -> one line + exit 3;
+    a full disk or out of memory -> one line + exit 2 (the last checkpoint, if any, is intact); a second
+    Ctrl-C -> exit 130, no traceback."""
     try:
         return run(args, explicit)
     except CLIError as e:
         parser.print_usage(sys.stderr)
-        fail(str(e))
+        fail(one_line(e))
     except NonFiniteError as e:
         fail(str(e), code=3)
+    except KeyboardInterrupt:
+        fail("interrupted (a second Ctrl-C); the last checkpoint, if any, is intact", code=130)
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        fail(f"cannot read or write{where} ({e.strerror or e}); free the space or fix the path, the last "
+             f"checkpoint, if any, is intact")
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        fail("out of memory; lower --batch_size, --init_channels / --layers or --energy_batch_size "
+             f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})")
     return 1
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr and exit: how the scripts report bad input."""
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "eadarts"
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(code)
+def one_line(e: BaseException) -> str:
+    """The message of `e` as one line. An error raised in a data-loader worker comes back with the worker's
+    traceback in its message ("Caught DataError in DataLoader worker ... Original Traceback ..."): its last line
+    is the original message, after the exception's name."""
+    text = str(e).strip()
+    if "\n" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    name = type(e).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, MemoryError, or an allocator's RuntimeError ("not enough memory")."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())) or \
+        any(w in text for w in ("out of memory", "not enough memory", "failed to allocate", "can't allocate memory",
+                                "cannot allocate memory"))
 
 
 def checkpoint_path(resume: str) -> str:
@@ -344,6 +477,8 @@ class RunControl:
 
     @staticmethod
     def check_finite(value: float, what: str, epoch: int, step: int) -> None:
+        """A NaN or infinity stops the run; the message says whether a checkpoint exists to resume from."""
         if not math.isfinite(value):
-            raise NonFiniteError(f"non-finite {what} ({value}) at epoch {epoch + 1}, step {step}; the last "
-                                 f"checkpoint is intact: lower the learning rate and --resume it")
+            saved = (f"the checkpoint of epoch {epoch} is intact: lower the learning rate and --resume it" if epoch
+                     else "no checkpoint was written yet: lower the learning rate and start again")
+            raise NonFiniteError(f"non-finite {what} ({value}) at epoch {epoch + 1}, step {step}; {saved}")

@@ -1,11 +1,61 @@
-"""Per-epoch controllers of a search, fed the derived cell: early stop on skip collapse (DARTS+), an energy
-budget's Lagrange multiplier and the projection of a derived cell onto the budget. Pure (no tensors, no files):
+"""Per-epoch controllers of a search, fed the derived cell, and their flags: early stop on skip collapse (DARTS+),
+the energy weight's warm-up and ramp, and an energy budget's Lagrange multiplier. Pure (no tensors, no files):
 train_search.py feeds them, tests drive them directly.
+The projection of a derived cell onto the budget is derivation's (`derivation.project_to_budget`).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+import argparse
+from typing import Any, Dict, Hashable, Optional
+
+from cliargs import CLIError, nonneg_int, positive_float, positive_int
+from derivation import project_to_budget  # noqa: F401 (re-exported: the budget's projection of a derived cell)
+from operations import is_parametric
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Flags against skip/pool collapse (README, "Avoiding collapse"); all off by default (plain DARTS)."""
+    g = p.add_argument_group("collapse guards and energy budget")
+    g.add_argument("--warmup_epochs", type=nonneg_int, default=0,
+                   help="train the weights only (alphas frozen) for the first N epochs (PC-DARTS)")
+    g.add_argument("--energy_ramp_epochs", type=nonneg_int, default=0,
+                   help="after the warm-up, ramp the energy weight in linearly over M epochs")
+    g.add_argument("--max_skip", type=nonneg_int, default=None,
+                   help="cap skip_connects in the derived normal cell (P-DARTS: 2)")
+    g.add_argument("--min_parametric", type=nonneg_int, default=None,
+                   help="at least K parametric ops in the derived normal cell (default 2 with --max_skip, else 0)")
+    g.add_argument("--early_stop", action="store_true",
+                   help="DARTS+: stop when the unguarded normal cell holds >2 skips for 2 epochs (or --patience)")
+    g.add_argument("--patience", type=positive_int, default=None,
+                   help="with --early_stop: also stop when the ranking of ops is stable for N epochs")
+    g.add_argument("--energy_budget", type=positive_float, default=None,
+                   help="mJ per image of the derived network: adaptive penalty on energy above it (replaces "
+                        "--energy_weight); the written cell is projected to within 5 %% under it")
+    g.add_argument("--budget_rate", type=positive_float, default=0.02,
+                   help="step of the budget's Lagrange multiplier per architecture step")
+
+
+def check_args(args: argparse.Namespace, pairs: int = 2 * 4) -> None:
+    """--max_skip / --min_parametric fit a normal cell of `pairs` ops; the warm-up leaves epochs to search."""
+    if args.min_parametric is None:
+        args.min_parametric = 2 if args.max_skip is not None else 0
+    if args.min_parametric > pairs or (args.max_skip or 0) > pairs:
+        raise CLIError(f"--max_skip / --min_parametric must be at most {pairs} (ops in a normal cell)")
+    if args.min_parametric and not any(is_parametric(p) for p in args.primitives if p != "none"):
+        raise CLIError("--min_parametric needs a parametric op among --primitives")
+    if args.warmup_epochs >= args.epochs:
+        raise CLIError(f"--warmup_epochs {args.warmup_epochs} leaves no epoch to search the alphas "
+                       f"(--epochs {args.epochs})")
+
+
+def energy_scale(epoch: int, warmup_epochs: int, ramp_epochs: int) -> float:
+    """The energy weight's share in `epoch` (0-based): 0 during the warm-up, then a linear ramp over
+    `ramp_epochs` (1 without one)."""
+    if epoch < warmup_epochs:
+        return 0.0
+    return min(1.0, (epoch - warmup_epochs + 1) / ramp_epochs) if ramp_epochs else 1.0
+
+
 
 
 class CollapseStopper:
@@ -13,7 +63,9 @@ class CollapseStopper:
     e.g. the argmax per edge; the genotype itself by default) plus the `result` that epoch would write. Stops when
     the normal cell holds more than `max_skips` skip_connects for `consecutive` epochs in a row, or when the
     ranking has not changed for `patience` epochs. `result` / `result_epoch` are then those of the last healthy
-    epoch (the earliest epoch if none was healthy); `reason` says why it stopped."""
+    epoch (unguarded normal cell within `max_skips`); without one, those of the least collapsed epoch (fewest
+    skips, the latest of equals), and `reason` says so. The whole state is in `state_dict()` (plain values, for a
+    weights_only checkpoint), so a resumed search keeps what it kept and knows that it stopped."""
 
     def __init__(self, max_skips: int = 2, consecutive: int = 2, patience: Optional[int] = None) -> None:
         self.max_skips, self.consecutive, self.patience = max_skips, consecutive, patience
@@ -22,11 +74,17 @@ class CollapseStopper:
         self.last_ranking: Optional[Hashable] = None
         self.result: Any = None
         self.result_epoch: Optional[int] = None
+        self.result_skips: Optional[int] = None
         self.reason: Optional[str] = None
+        self.stopped = False
 
     @staticmethod
     def skips(genotype) -> int:
         return sum(op == "skip_connect" for op, _ in genotype.normal)
+
+    @property
+    def healthy_kept(self) -> bool:
+        return self.result_skips is not None and self.result_skips <= self.max_skips
 
     def update(self, epoch: int, genotype, result: Any = None, ranking: Optional[Hashable] = None) -> bool:
         """Record one epoch; True when the search should stop now."""
@@ -36,31 +94,54 @@ class CollapseStopper:
         skips = self.skips(genotype)
         if skips > self.max_skips:
             self.collapsed_run += 1
-            if self.result is None:  # no healthy epoch yet: the earliest is the best we have
-                self.result, self.result_epoch = result, epoch
         else:
             self.collapsed_run = 0
-            self.result, self.result_epoch = result, epoch
+        if skips <= self.max_skips or not self.healthy_kept and (self.result_skips is None
+                                                                   or skips <= self.result_skips):
+            self.result, self.result_epoch, self.result_skips = result, epoch, skips
         self.stable_run = self.stable_run + 1 if ranking == self.last_ranking else 0
         self.last_ranking = ranking
         if self.collapsed_run >= self.consecutive:
-            self.reason = (f"early stop: the unguarded normal cell held more than {self.max_skips} skip_connects "
-                           f"({skips} now) for {self.consecutive} epochs; keeping the genotype of epoch "
-                           f"{self.result_epoch}")
-            return True
-        if self.patience is not None and self.stable_run >= self.patience:
-            self.reason = (f"early stop: the ranking of ops has been stable for {self.patience} epochs; keeping the "
-                           f"genotype of epoch {self.result_epoch}")
-            return True
-        return False
+            self._stop(f"the unguarded normal cell held more than {self.max_skips} skip_connects ({skips} now) "
+                       f"for {self.consecutive} epochs")
+        elif self.patience is not None and self.stable_run >= self.patience:
+            self._stop(f"the ranking of ops has been stable for {self.patience} epochs")
+        return self.stopped
+
+    def _stop(self, why: str) -> None:
+        kept = (f"keeping the genotype of epoch {self.result_epoch}" if self.healthy_kept else
+                f"no epoch was healthy: keeping the least collapsed one, epoch {self.result_epoch} "
+                f"({self.result_skips} skip_connects)")
+        self.stopped, self.reason = True, f"early stop: {why}; {kept}"
 
     def state_dict(self) -> Dict[str, Any]:
-        """Counters only (plain values, for a weights_only checkpoint); the kept genotype is in genotype.json."""
-        return {"collapsed_run": self.collapsed_run, "stable_run": self.stable_run}
+        """Everything, as plain values; `result` must itself be plain (the search keeps a genotype dict and row)."""
+        return {"collapsed_run": self.collapsed_run, "stable_run": self.stable_run,
+                "last_ranking": _lists(self.last_ranking), "result": self.result, "result_epoch": self.result_epoch,
+                "result_skips": self.result_skips, "reason": self.reason, "stopped": self.stopped}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.collapsed_run = int(state.get("collapsed_run", 0))
-        self.stable_run = int(state.get("stable_run", 0))
+        """Restore `state_dict()`; ValueError (or TypeError) on a value of the wrong kind."""
+        counters = [state.get(k, 0) for k in ("collapsed_run", "stable_run")]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counters):
+            raise ValueError(f"counters {counters} are not non-negative integers")
+        result = state.get("result")
+        if result is not None and not (isinstance(result, dict) and isinstance(result.get("genotype"), dict)
+                                       and isinstance(result.get("row"), dict)):
+            raise ValueError("the kept result is not a genotype and its row")
+        self.collapsed_run, self.stable_run = counters
+        self.last_ranking = _tuples(state.get("last_ranking"))
+        self.result, self.result_epoch = result, state.get("result_epoch")
+        self.result_skips, self.reason = state.get("result_skips"), state.get("reason")
+        self.stopped = bool(state.get("stopped", False))
+
+
+def _lists(x):
+    return [_lists(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class BudgetController:
@@ -81,86 +162,14 @@ class BudgetController:
         self.lam = min(self.max_lambda, max(0.0, self.lam + self.rate * (energy_mj / self.budget_mj - 1.0)))
         return self.lam
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {"lam": self.lam}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        lam = state.get("lam")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= self.max_lambda:
+            raise ValueError(f"lambda {lam!r} is not a number in [0, {self.max_lambda}]")
+        self.lam = float(lam)
+
     def within(self, energy_mj: float, tolerance: float = 0.1) -> bool:
         return abs(energy_mj / self.budget_mj - 1.0) <= tolerance
-
-
-Pair = Tuple[str, int]
-
-
-def project_to_budget(cells: Dict[str, List[Pair]], weights: Dict[str, Sequence[Sequence[float]]],
-                      primitives: Sequence[str], cost: Callable[[str, str, int], float], base: float,
-                      budget_mj: float, max_skip: Optional[int] = None, min_parametric: int = 0,
-                      actions: Optional[List[str]] = None, tolerance: float = 0.05) -> Dict[str, List[Pair]]:
-    """The derived cells (`{"normal": pairs, "reduce": pairs}`) with ops swapped until the network's energy
-    `base + sum cost(kind, op, input)` (mJ) lies in [(1 - tolerance) budget, budget], keeping each node's inputs.
-
-    The score of a cell is the sum of log softmax weights of its ops (`weights[kind]`: edges x ops, as `derive`
-    reads them). Over budget, the swap that loses the least score per mJ saved is taken, again and again (a greedy
-    multiple-choice knapsack); then swaps that raise the score and still fit are taken, best first, so a coarse
-    last step does not leave budget unused; still under the band, the swap that loses the least score per mJ
-    spent. The budget is what the user can afford: the penalty of the search acts only above it, but the written
-    cell spends it. The normal cell's guards hold throughout (never more than `max_skip` skip_connects, never fewer
-    than `min_parametric` parametric ops than it already has). Out of reach, the result is the cheapest (or
-    dearest) cell reachable. `actions` receives one line per swap."""
-    from genotypes import edge_rows
-    from operations import is_parametric
-    usable = [k for k, p in enumerate(primitives) if p != "none"]
-    index = {p: k for k, p in enumerate(primitives)}
-    cells = {kind: list(pairs) for kind, pairs in cells.items()}
-    rows = {kind: edge_rows(pairs) for kind, pairs in cells.items()}
-
-    def score(kind: str, p: int, k: int) -> float:
-        return math.log(max(weights[kind][rows[kind][p]][k], 1e-30))
-
-    def energy() -> float:
-        return base + sum(cost(kind, op, j) for kind, pairs in cells.items() for op, j in pairs)
-
-    floor = sum(is_parametric(op) for op, _ in cells.get("normal", []))
-    floor = min(min_parametric, floor)
-
-    def allowed(kind: str, p: int, new: str) -> bool:
-        if kind != "normal":
-            return True
-        ops = [op for op, _ in cells[kind]]
-        ops[p] = new
-        return ((max_skip is None or ops.count("skip_connect") <= max_skip)
-                and sum(is_parametric(op) for op in ops) >= floor)
-
-    def swaps():
-        for kind, pairs in cells.items():
-            for p, (op, j) in enumerate(pairs):
-                for k in usable:
-                    new = primitives[k]
-                    if new != op and allowed(kind, p, new):
-                        yield (kind, p, new, score(kind, p, k) - score(kind, p, index[op]),
-                               cost(kind, new, j) - cost(kind, op, j))
-
-    def apply(kind: str, p: int, new: str, why: str) -> None:
-        op, j = cells[kind][p]
-        cells[kind][p] = (new, j)
-        if actions is not None:
-            actions.append(f"energy budget ({why}): {kind} cell, edge (node {p // 2 + 2}, input {j}): {op} -> {new}, "
-                           f"network {energy():.4f} mJ (budget {budget_mj:.4f})")
-
-    while energy() > budget_mj:  # cheaper: least score lost per mJ saved
-        cheaper = [s for s in swaps() if s[4] < 0]
-        if not cheaper:
-            break
-        kind, p, new, _, _ = min(cheaper, key=lambda s: -s[3] / -s[4])
-        apply(kind, p, new, "over")
-    while True:  # better and still within the budget: most score gained
-        room = budget_mj - energy()
-        better = [s for s in swaps() if s[3] > 1e-12 and s[4] <= room + 1e-12]
-        if not better or room < -1e-12:
-            break
-        kind, p, new, _, _ = max(better, key=lambda s: s[3])
-        apply(kind, p, new, "fill")
-    while energy() < (1.0 - tolerance) * budget_mj:  # under the band: least score lost per mJ spent
-        room = budget_mj - energy()
-        dearer = [s for s in swaps() if 0 < s[4] <= room + 1e-12]
-        if not dearer:
-            break
-        kind, p, new, _, _ = min(dearer, key=lambda s: -s[3] / s[4])
-        apply(kind, p, new, "under")
-    return cells

@@ -1,22 +1,19 @@
-"""What the scripts share: safe file writes, flag checks and speed flags, seeding, devices, meters and the energy
-model. The life of a run (folder, log, checkpoints, resume, signals) is in `runs.py`, wandb in `tracker.py`, data
-sets in `datasets.py`."""
+"""Small helpers the scripts share: safe file writes, seeding, devices, meters and the energy model. The shared
+flags and their defaults are in `options.py`, the CLI error and argparse types in `cliargs.py`, the life of a run
+(folder, log, checkpoints, resume, signals) in `runs.py` and `runner.py`, wandb in `tracker.py`."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import random
 import tempfile
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-import distributed
-from cliargs import (CLIError, explicit_flags, fraction, nonneg_float, nonneg_int, positive_float,  # noqa: F401
-                     positive_int, unit_float)
+from cliargs import CLIError
 
 # ----------------------------------------------------------------------------------------------- safe writes
 
@@ -65,46 +62,6 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------ argument checks
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Flags both scripts share (names as in DARTS where DARTS has one)."""
-    from datasets import DATASETS
-    p.add_argument("--dataset", default="digits", choices=sorted(DATASETS),
-                   help="data set (digits ships with scikit-learn and works offline)")
-    p.add_argument("--data", default="./data", help="folder of the data set (downloaded there when online)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--gpu", type=nonneg_int, default=0, help="CUDA device index")
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--log_dir", default="./log", help="runs go to <log_dir>/<run_name>/")
-    p.add_argument("--run_name", default=None, help="default <script>-<dataset>-<timestamp>")
-    p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled"],
-                   help="default: online if a wandb API key is configured, else offline")
-    p.add_argument("--energy_model", default=None,
-                   help="energy-model JSON from `python -m dl_energy_estimator calibrate` (default: analytical)")
-    p.add_argument("--energy_batch_size", type=positive_int, default=None,
-                   help="deployment batch size of the energy estimates (default: the energy model's, 1)")
-    p.add_argument("--workers", type=nonneg_int, default=None, help="data-loader workers (default 0 for digits)")
-    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
-    distributed.add_args(p)
-
-
-def add_speed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast (and cudnn.benchmark on CUDA): faster on GPUs, results not bitwise "
-                        "reproducible")
-    p.add_argument("--threads", type=nonneg_int, default=None,
-                   help="CPU threads of torch (0: torch's default; digits: 1, faster for 8x8 images and on a busy "
-                        "machine)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile every cell (inductor; minutes of compiling first). Measured on this project's "
-                        "CPU: a cell alone 0.86x, a whole search step 1.2x (slower): try it on a GPU (bench/)")
-    p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
-                   help="memory layout of the network: auto = channels_last on CPUs (measured 1.6x faster) and "
-                        "with --amp on CUDA (layout.py)")
-
-
 def set_threads(device: torch.device, threads: Optional[int]) -> None:
     """`--threads` on the CPU (0 or None: torch's default). Tiny tensors: extra threads only add sync overhead."""
     if device.type == "cpu" and threads:
@@ -124,14 +81,6 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def apply_defaults(args: argparse.Namespace, defaults: Dict[str, Dict[str, Any]]) -> None:
-    """Fill flags left at None from the per-data-set defaults table (key '*' for every data set)."""
-    table = {**defaults.get("*", {}), **defaults.get(args.dataset, defaults.get("other", {}))}
-    for key, value in table.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
 
 
 # ----------------------------------------------------------------------------------------- seeds and device
@@ -232,9 +181,7 @@ def load_estimator(path: Optional[str], batch_size: Optional[int]):
         raise CLIError(f"--energy_model {path} does not exist") from None
     except EnergyModelError as e:
         raise CLIError(str(e)) from None
-    if batch_size is not None:
-        est.meta["batch_size"] = int(batch_size)
-    return est
+    return est.with_batch_size(batch_size) if batch_size is not None else est
 
 
 

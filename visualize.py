@@ -12,12 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import genotypes as G
-import runs
+import options
 import utils
-from datasets import TRAIN_DEFAULTS, DataInfo, known_info
+from cliargs import CLIError, fail, positive_int
+from datasets import DataInfo
 from derived_energy import op_energies
 
 KINDS = ("normal", "reduce")
@@ -111,7 +112,7 @@ def render(genotype: G.Genotype, out_dir: str, info: DataInfo, channels: int, la
     if backend == "auto":
         backend = "graphviz" if shutil.which("dot") else "matplotlib"
     if backend == "graphviz" and not shutil.which("dot"):
-        raise utils.CLIError("--backend graphviz needs the `dot` program (apt-get install graphviz)")
+        raise CLIError("--backend graphviz needs the `dot` program (apt-get install graphviz)")
     os.makedirs(out_dir, exist_ok=True)
     energies = op_energies(genotype, info, channels, layers, estimator)[0]
     paths = []
@@ -129,35 +130,30 @@ def render(genotype: G.Genotype, out_dir: str, info: DataInfo, channels: int, la
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Draw a genotype's cells (PNG and PDF) with per-op energies.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Draw a genotype's cells (PNG and PDF) with per-op energies.")
     p.add_argument("genotype", nargs="?", help="genotype.json")
     p.add_argument("--arch", help=f"a named genotype instead: {', '.join(G.NAMED_GENOTYPES)}")
     p.add_argument("--out", default=None, help="output folder (default: beside the genotype file)")
     p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"])
     p.add_argument("--dataset", default=None, help="data set of the network (default: the genotype's, or cifar10)")
-    p.add_argument("--init_channels", type=utils.positive_int, default=None)
-    p.add_argument("--layers", type=utils.positive_int, default=None)
+    p.add_argument("--init_channels", type=positive_int, default=None)
+    p.add_argument("--layers", type=positive_int, default=None)
     p.add_argument("--energy_model", default=None)
-    p.add_argument("--energy_batch_size", type=utils.positive_int, default=None)
+    p.add_argument("--energy_batch_size", type=positive_int, default=None)
     args = p.parse_args(argv)
     try:
         if bool(args.genotype) == bool(args.arch):
-            raise utils.CLIError("give a genotype file or --arch NAME (one of them)")
-        genotype = G.load(args.genotype) if args.genotype else G.named_genotype(args.arch)
-        meta = G.load_meta(args.genotype) if args.genotype else {}
-        dataset = args.dataset or meta.get("dataset") or "cifar10"
-        info = known_info(dataset) or DataInfo(3, 10, 32)
-        table = {**TRAIN_DEFAULTS["*"], **TRAIN_DEFAULTS.get(dataset, {})}
-        channels = args.init_channels or meta.get("eval_channels") or table["init_channels"]
-        layers = args.layers or meta.get("eval_layers") or table["layers"]
+            raise CLIError("give a genotype file or --arch NAME (one of them)")
+        genotype, meta = G.load_with_meta(args.genotype) if args.genotype else (G.named_genotype(args.arch), {})
+        _, info, channels, layers = options.evaluation_network(meta, args.dataset, args.init_channels, args.layers)
         estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
         out = args.out or (os.path.dirname(os.path.abspath(args.genotype)) if args.genotype else ".")
         name = args.arch or os.path.basename(os.path.dirname(os.path.abspath(args.genotype)))
         for path in render(genotype, out, info, channels, layers, estimator, args.backend, name):
             print(path)
-    except utils.CLIError as e:
+    except CLIError as e:
         p.print_usage(sys.stderr)
-        runs.fail(str(e))
+        fail(str(e))
     return 0
 
 

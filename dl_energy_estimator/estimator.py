@@ -93,6 +93,11 @@ class EnergyEstimator:
         """Deployment batch size the model was made for (metadata)."""
         return int(self.meta["batch_size"])
 
+    def with_batch_size(self, batch_size: int) -> "EnergyEstimator":
+        """This model at another deployment batch size (the coefficients are per sample; launches are shared)."""
+        meta = {**self.meta, "batch_size": int(batch_size)}
+        return type(self)(self.coefficients, meta, self.fit_stats)
+
     def __repr__(self) -> str:
         return f"EnergyEstimator(name={self.name!r}, source={self.meta['source']!r}, batch_size={self.batch_size})"
 

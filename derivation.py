@@ -1,0 +1,194 @@
+"""Derivation: from the supernet's architecture weights to the cells a search writes, in one place.
+
+A cell is a `CellPairs` list of `(op, input)` pairs, two per intermediate node (inputs 0 and 1 are the cell's
+inputs, 2.. the earlier nodes). Its weights are the supernet's (edges x ops) softmaxed alphas of that cell kind.
+`derivable(primitives)` names the ops derivation may choose (never `none`). Here:
+- `derive`: DARTS's rule (per node the 2 strongest incoming edges, on each the strongest derivable op);
+- `guard_derivation`: P-DARTS-style guards on the normal cell (--max_skip, --min_parametric);
+- `project_to_budget`: op swaps that bring the derived network within an energy budget (--energy_budget);
+- `cell_stats` and `ranking`: what the search logs each epoch and what early stopping watches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from genotypes import Genotype
+from operations import POOLS, is_parametric
+
+Pair = Tuple[str, int]
+CellPairs = List[Pair]
+Weights = Sequence[Sequence[float]]  # one cell kind's (edges x ops) softmaxed alphas
+
+
+def derivable(primitives: Sequence[str]) -> List[int]:
+    """Indices of the ops derivation may choose: every primitive but `none`."""
+    return [k for k, p in enumerate(primitives) if p != "none"]
+
+
+def edge_rows(pairs: Sequence[Sequence[Any]]) -> List[int]:
+    """For a cell's (op, input) pairs, two per node, the row of each pair's edge in the supernet's (edges x ops)
+    alphas: node i's incoming edges start at row 2 + 3 + ... + (i + 1)."""
+    return [sum(2 + n for n in range(p // 2)) + j for p, (_, j) in enumerate(pairs)]
+
+
+def derive(weights: Weights, primitives: Sequence[str], steps: int) -> CellPairs:
+    """DARTS derivation on one cell's weights: `none` is never chosen nor counts for strength."""
+    usable = derivable(primitives)
+    gene, start = [], 0
+    for i in range(steps):
+        W = weights[start:start + 2 + i]
+        edges = sorted(range(i + 2), key=lambda j: -max(W[j][k] for k in usable))[:2]
+        for j in edges:  # strongest first, as DARTS writes them
+            best = max(usable, key=lambda k: W[j][k])
+            gene.append((primitives[best], j))
+        start += 2 + i
+    return gene
+
+
+def guard_derivation(weights: Weights, primitives: Sequence[str], gene: Sequence[Pair],
+                     max_skip: Optional[int] = None, min_parametric: int = 0,
+                     actions: Optional[List[str]] = None) -> CellPairs:
+    """P-DARTS-style guards on a derived cell `gene` (from `derive(weights, ...)`): while it holds more than
+    `max_skip` skip_connects, the weakest one (by its own softmax weight) becomes its edge's best parametric op;
+    then, while it holds fewer than `min_parametric` parametric ops, the weakest parameter-free choice does. Each
+    node keeps its 2 inputs (only the op on a kept edge changes). `actions` receives one line per rewrite; nodes are
+    numbered as genotype inputs are (2 = the first intermediate node)."""
+    parametric = [k for k in derivable(primitives) if is_parametric(primitives[k])]
+    gene = list(gene)
+    if (max_skip is None and min_parametric <= 0) or not parametric:
+        return gene
+    index = {p: k for k, p in enumerate(primitives)}
+    rows = edge_rows(gene)
+
+    def rewrite(pos: int, why: str) -> None:
+        op, j = gene[pos]
+        W = weights[rows[pos]]
+        best = max(parametric, key=lambda k: W[k])
+        gene[pos] = (primitives[best], j)
+        if actions is not None:
+            actions.append(f"{why} replaced {op} on edge (node {pos // 2 + 2}, input {j}) by {primitives[best]}")
+
+    def weakest(pred) -> Optional[int]:
+        cands = [p for p, (op, _) in enumerate(gene) if pred(op)]
+        return min(cands, key=lambda p: weights[rows[p]][index[gene[p][0]]]) if cands else None
+
+    while max_skip is not None and sum(op == "skip_connect" for op, _ in gene) > max_skip:
+        rewrite(weakest(lambda op: op == "skip_connect"), "max_skip")
+    while sum(is_parametric(op) for op, _ in gene) < min(min_parametric, len(gene)):
+        rewrite(weakest(lambda op: not is_parametric(op)), "min_parametric")
+    return gene
+
+
+class Swap(NamedTuple):
+    """One candidate change of `project_to_budget`: `kind` cell, pair `pos` to op `new`."""
+    kind: str
+    pos: int
+    new: str
+    score_gain: float  # change of the cell's log-weight score (negative: a worse cell)
+    energy_delta: float  # change of the network's energy, mJ
+
+
+def project_to_budget(cells: Dict[str, CellPairs], weights: Dict[str, Weights], primitives: Sequence[str],
+                      cost: Callable[[str, str, int], float], base: float, budget_mj: float,
+                      max_skip: Optional[int] = None, min_parametric: int = 0,
+                      actions: Optional[List[str]] = None, tolerance: float = 0.05) -> Dict[str, CellPairs]:
+    """The derived cells (`{"normal": pairs, "reduce": pairs}`) with ops swapped until the network's energy
+    `base + sum cost(kind, op, input)` (mJ) lies in [(1 - tolerance) budget, budget], keeping each node's inputs.
+
+    The score of a cell is the sum of log softmax weights of its ops (`weights[kind]`). Over budget, the swap that
+    loses the least score per mJ saved is taken, again and again (a greedy multiple-choice knapsack); then swaps
+    that raise the score and still fit are taken, best first, so a coarse last step does not leave budget unused;
+    still under the band, the swap that loses the least score per mJ spent. The normal cell's guards hold
+    throughout (never more than `max_skip` skip_connects, never fewer than `min_parametric` parametric ops than it
+    already has). Out of reach, the result is the cheapest (or dearest) cell reachable. `actions` receives one line
+    per swap."""
+    usable = derivable(primitives)
+    index = {p: k for k, p in enumerate(primitives)}
+    cells = {kind: list(pairs) for kind, pairs in cells.items()}
+    rows = {kind: edge_rows(pairs) for kind, pairs in cells.items()}
+    floor = min(min_parametric, sum(is_parametric(op) for op, _ in cells.get("normal", [])))
+
+    def score(kind: str, p: int, k: int) -> float:
+        return math.log(max(weights[kind][rows[kind][p]][k], 1e-30))
+
+    def energy() -> float:
+        return base + sum(cost(kind, op, j) for kind, pairs in cells.items() for op, j in pairs)
+
+    def allowed(kind: str, p: int, new: str) -> bool:
+        if kind != "normal":
+            return True
+        ops = [op for op, _ in cells[kind]]
+        ops[p] = new
+        return ((max_skip is None or ops.count("skip_connect") <= max_skip)
+                and sum(is_parametric(op) for op in ops) >= floor)
+
+    def swaps() -> List[Swap]:
+        return [Swap(kind, p, primitives[k], score(kind, p, k) - score(kind, p, index[op]),
+                     cost(kind, primitives[k], j) - cost(kind, op, j))
+                for kind, pairs in cells.items() for p, (op, j) in enumerate(pairs)
+                for k in usable if primitives[k] != op and allowed(kind, p, primitives[k])]
+
+    def apply(s: Swap, why: str) -> None:
+        op, j = cells[s.kind][s.pos]
+        cells[s.kind][s.pos] = (s.new, j)
+        if actions is not None:
+            actions.append(f"energy budget ({why}): {s.kind} cell, edge (node {s.pos // 2 + 2}, input {j}): {op} -> "
+                           f"{s.new}, network {energy():.4f} mJ (budget {budget_mj:.4f})")
+
+    while energy() > budget_mj:  # cheaper: least score lost per mJ saved
+        cheaper = [s for s in swaps() if s.energy_delta < 0]
+        if not cheaper:
+            break
+        apply(min(cheaper, key=lambda s: s.score_gain / s.energy_delta), "over")
+    while True:  # better and still within the budget: most score gained
+        room = budget_mj - energy()
+        better = [s for s in swaps() if s.score_gain > 1e-12 and s.energy_delta <= room + 1e-12]
+        if not better or room < -1e-12:
+            break
+        apply(max(better, key=lambda s: s.score_gain), "fill")
+    while energy() < (1.0 - tolerance) * budget_mj:  # under the band: least score lost per mJ spent
+        room = budget_mj - energy()
+        dearer = [s for s in swaps() if 0 < s.energy_delta <= room + 1e-12]
+        if not dearer:
+            break
+        apply(min(dearer, key=lambda s: -s.score_gain / s.energy_delta), "under")
+    return cells
+
+
+def cell_stats(normal: Sequence[Pair], alphas: Dict[str, Any]) -> Dict[str, float]:
+    """Counts of parametric / skip / pool ops in a derived normal cell, and the mean entropy of the softmaxed
+    alphas (every row of both kinds)."""
+    ops = [op for op, _ in normal]
+    entropy = float(np.mean([-(np.asarray(row) * np.log(np.clip(row, 1e-12, None))).sum()
+                             for kind in ("normal", "reduce") for row in alphas[kind]]))
+    return {"normal_parametric": sum(is_parametric(op) for op in ops),
+            "normal_skip": ops.count("skip_connect"),
+            "normal_pool": sum(op in POOLS for op in ops),
+            "alpha_entropy": entropy}
+
+
+def ranking(weights: Dict[str, Weights], primitives: Sequence[str]) -> Tuple[Tuple[int, ...], ...]:
+    """The strongest derivable op of every edge of every cell kind: what --patience watches."""
+    usable = derivable(primitives)
+    return tuple(tuple(max(usable, key=lambda k: row[k]) for row in weights[kind]) for kind in sorted(weights))
+
+
+def derive_genotype(weights: Dict[str, Weights], primitives: Sequence[str], steps: int, concat: Sequence[int],
+                    max_skip: Optional[int] = None, min_parametric: int = 0,
+                    actions: Optional[List[str]] = None) -> Genotype:
+    """Both cells by DARTS's rule, the normal one guarded (`guard_derivation`; the defaults are plain DARTS)."""
+    normal = derive(weights["normal"], primitives, steps)
+    normal = guard_derivation(weights["normal"], primitives, normal, max_skip, min_parametric, actions)
+    return Genotype(normal, list(concat), derive(weights["reduce"], primitives, steps), list(concat))
+
+
+def project_genotype(genotype: Genotype, weights: Dict[str, Weights], primitives: Sequence[str], costs,
+                     budget_mj: float, max_skip: Optional[int] = None, min_parametric: int = 0,
+                     actions: Optional[List[str]] = None) -> Genotype:
+    """`genotype` projected onto `budget_mj` with the additive prices of `costs` (derived_energy.CellCosts)."""
+    cells = project_to_budget({"normal": genotype.normal, "reduce": genotype.reduce}, weights, primitives,
+                              costs.cost, costs.base, budget_mj, max_skip, min_parametric, actions)
+    return Genotype(cells["normal"], genotype.normal_concat, cells["reduce"], genotype.reduce_concat)

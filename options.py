@@ -1,0 +1,173 @@
+"""Every flag of the two scripts, and their defaults per script, search space and data set in one table.
+
+Script-specific flags are declared in the scripts; a flag whose default depends on the data set is declared with
+`default=None` and filled by `resolve_defaults` (a flag given explicitly always wins). CIFAR-10 follows DARTS
+exactly (reference: the DARTS paper); `digits` is sized to finish on a laptop CPU in minutes.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Optional, Tuple
+
+import distributed
+import genotypes as G
+import search_control
+from cliargs import fraction, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from datasets import DATASETS, DataInfo, known_info
+
+DEFAULT_DATASET = "cifar10"  # DARTS's
+
+# (script, space) -> data set -> defaults; "*" holds every data set's, a named data set overrides them.
+DEFAULTS: Dict[tuple, Dict[str, Dict[str, Any]]] = {
+    ("search", "darts"): {
+        "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, weight_decay=3e-4,
+                  epochs=50, init_channels=16, layers=8, train_portion=0.5, grad_clip=5.0, arch_learning_rate=3e-4,
+                  arch_weight_decay=1e-3, workers=2, threads=0),
+        "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=5,
+                       arch_learning_rate=3e-3, workers=0),
+    },
+    ("train", "darts"): {
+        "*": dict(batch_size=96, learning_rate=0.025, momentum=0.9, weight_decay=3e-4, epochs=600, init_channels=36,
+                  layers=20, drop_path_prob=0.2, grad_clip=5.0, cutout_length=16, auxiliary_weight=0.4, workers=2,
+                  lr_schedule="cosine", gamma=0.97, label_smoothing=0.0, nesterov=False, threads=0),
+        "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=6, drop_path_prob=0.1,
+                       cutout_length=3, workers=0, threads=1),
+        "imagenet": dict(batch_size=128, learning_rate=0.1, epochs=250, init_channels=48, layers=14,
+                         drop_path_prob=0.0, weight_decay=3e-5, lr_schedule="exponential", gamma=0.97,
+                         label_smoothing=0.1, workers=4),
+    },
+}
+
+
+def defaults_for(script: str, dataset: str, space: str = "darts") -> Dict[str, Any]:
+    """The defaults of `script` ("search" or "train") for `dataset` in `space`."""
+    table = DEFAULTS[(script, space)]
+    return {**table["*"], **table.get(dataset, {})}
+
+
+def resolve_defaults(args: argparse.Namespace, script: str) -> None:
+    """Fill the flags left at None from `defaults_for` (the one place a script's defaults are decided)."""
+    for key, value in defaults_for(script, args.dataset, getattr(args, "space", "darts")).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def evaluation_network(meta: Dict[str, Any], dataset: Optional[str] = None, channels: Optional[int] = None,
+                       layers: Optional[int] = None) -> Tuple[str, DataInfo, int, int]:
+    """(data set, its shape, width, depth) of the network train.py builds for a genotype: flags first, then the
+    genotype's metadata, then train.py's defaults for the data set. A user's image folder, whose shape only its
+    files know, is taken as CIFAR-sized RGB with 10 classes (--image_size's default)."""
+    dataset = dataset or meta.get("dataset") or DEFAULT_DATASET
+    table = defaults_for("train", dataset)
+    return (dataset, known_info(dataset) or DataInfo(3, 10, 32), channels or meta.get("eval_channels")
+            or table["init_channels"], layers or meta.get("eval_layers") or table["layers"])
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Flags both scripts share (names as in DARTS where DARTS has one)."""
+    p.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS),
+                   help="data set (default DARTS's cifar10; digits ships with scikit-learn and works offline)")
+    p.add_argument("--data", default="./data", help="folder of the data set (downloaded there when online)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--gpu", type=nonneg_int, default=0, help="CUDA device index")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--log_dir", default="./log", help="runs go to <log_dir>/<run_name>/")
+    p.add_argument("--run_name", default=None, help="a plain name; default <script>-<dataset>-<timestamp>")
+    p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled"],
+                   help="default: online if a wandb API key is configured, else offline")
+    p.add_argument("--energy_model", default=None,
+                   help="energy-model JSON from `python -m dl_energy_estimator calibrate` (default: analytical)")
+    p.add_argument("--energy_batch_size", type=positive_int, default=None,
+                   help="deployment batch size of the energy estimates (default: the energy model's, 1)")
+    p.add_argument("--workers", type=nonneg_int, default=None, help="data-loader workers (default 0 for digits)")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
+    distributed.add_args(p)
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """Flags that trade reproducibility or start-up time for speed (bench/README.md has the measurements)."""
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (and cudnn.benchmark on CUDA): faster on GPUs, results not bitwise "
+                        "reproducible")
+    p.add_argument("--threads", type=nonneg_int, default=None,
+                   help="CPU threads of torch (0: torch's default; digits trains with 1: 8x8 images gain nothing "
+                        "from more)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every cell (inductor; minutes of compiling first); pays on GPUs, not on "
+                        "small CPUs")
+    p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
+                   help="memory layout of the network: auto = channels_last on CPUs and with --amp on CUDA "
+                        "(layout.py)")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """The weights' optimization and the network's size (DARTS's names); defaults from `DEFAULTS`."""
+    p.add_argument("--batch_size", type=positive_int)
+    p.add_argument("--learning_rate", type=positive_float)
+    p.add_argument("--momentum", type=unit_float)
+    p.add_argument("--weight_decay", type=nonneg_float)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--init_channels", type=positive_int)
+    p.add_argument("--layers", type=positive_int)
+    p.add_argument("--grad_clip", type=positive_float)
+
+
+def search_parser() -> argparse.ArgumentParser:
+    """train_search.py's flags."""
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Energy-aware DARTS search (defaults: DARTS's CIFAR-10 settings; "
+                                            "digits has small defaults of its own).")
+    add_common_args(p)
+    add_training_args(p)
+    p.add_argument("--primitives", default="darts",
+                   help=f"candidate ops: a set ({', '.join(G.PRIMITIVE_SETS)}) or a comma list of op names")
+    p.add_argument("--task_weight", type=nonneg_float, default=0.9, help="weight of the normalized task loss")
+    p.add_argument("--energy_weight", type=nonneg_float, default=0.05,
+                   help="weight of the normalized expected energy (0 = plain DARTS)")
+    p.add_argument("--learning_rate_min", type=nonneg_float)
+    p.add_argument("--train_portion", type=fraction)
+    p.add_argument("--arch_learning_rate", type=positive_float)
+    p.add_argument("--arch_weight_decay", type=nonneg_float)
+    p.add_argument("--unrolled", action="store_true", help="second-order (unrolled) architecture step")
+    add_speed_args(p)
+    p.add_argument("--partial_channels", type=positive_int, default=1,
+                   help="PC-DARTS: each edge computes 1/K of the channels (1 = plain DARTS)")
+    p.add_argument("--eval_channels", type=positive_int, default=None,
+                   help="width of the network whose energy is reported (default: train.py's for the data set)")
+    p.add_argument("--eval_layers", type=positive_int, default=None,
+                   help="depth of the network whose energy is reported (default: train.py's for the data set)")
+    search_control.add_args(p)
+    return p
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """train.py's flags."""
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Train a searched cell from scratch (defaults: DARTS's CIFAR-10 "
+                                            "protocol; digits and imagenet have defaults of their own).")
+    add_common_args(p)
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--genotype", help="genotype.json written by train_search.py")
+    arch.add_argument("--arch", help=f"a named genotype: {', '.join(G.NAMED_GENOTYPES)}")
+    add_training_args(p)
+    p.add_argument("--auxiliary", action="store_true", help="auxiliary tower at 2/3 depth")
+    p.add_argument("--auxiliary_weight", type=nonneg_float)
+    p.add_argument("--cutout", action="store_true", help="cutout augmentation")
+    p.add_argument("--cutout_length", type=positive_int)
+    p.add_argument("--drop_path_prob", type=unit_float)
+    p.add_argument("--label_smoothing", type=unit_float)
+    p.add_argument("--lr_schedule", choices=["cosine", "exponential"], default=None,
+                   help="cosine annealing over --epochs, or x --gamma per epoch (DARTS's ImageNet protocol)")
+    p.add_argument("--gamma", type=positive_float, default=None, help="with --lr_schedule exponential: decay per epoch")
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
+    p.add_argument("--image_size", type=positive_int, default=None,
+                   help="imagenet/imagefolder: side of the square input (default 224 / 32)")
+    add_speed_args(p)
+    p.add_argument("--valid_portion", type=fraction, default=None,
+                   help="hold out this part of the training split to choose the best checkpoint")
+    p.add_argument("--report", action="store_true", help="print params, MACs and energy, then exit")
+    p.add_argument("--json", default=None, help="with --report: also write the report as JSON here")
+    p.add_argument("--measure_energy", action="store_true",
+                   help="with --report: measure the real inference energy on this device beside the estimate")
+    p.add_argument("--weights", default=None, help="with --measure_energy: weights to load (a weights .pt)")
+    p.add_argument("--watts", type=positive_float, default=None,
+                   help="with --measure_energy and no energy counter: the device's power draw in W")
+    return p

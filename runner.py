@@ -1,0 +1,223 @@
+"""The one epoch runner of both scripts: train_search.py's `Search` and train.py's `Trainer` subclass it.
+
+The runner owns what every run shares: device, seed, energy model, the run folder (through `runs.py`), the
+checkpoint with the RNG state and resume, the epoch loop under Ctrl-C / SIGTERM and non-finite checks, torchrun's
+checks, the metric rows and wandb. A script fills in what differs:
+
+    build()                          data, model, `optimizer`, `scheduler`, `train_queue`, `info` (once, from __init__)
+    train_step(x, y, epoch, lr, check) -> (logits, loss)   one training batch; `check(value, what)` before stepping
+    evaluate() -> row                what the epoch's evaluation adds to its metrics row
+    before_epoch(epoch) -> row       settings of the epoch (energy weight, drop path), also logged in the row
+    after_epoch(epoch, row) -> bool  derive, decide; True ends the run after this epoch (its checkpoint included)
+    write_epoch(row) -> dict         the script's own files of the epoch; returns extra data for wandb
+    extra_state() / load_extra_state(ckpt, explicit)   what the checkpoint holds beyond the common state
+    after_setup()                    (optional) once set up (and restored): log what the run is
+    finish(tracker)                  after the last epoch: summaries; `final_file` is what it writes last
+    epoch_line(row) -> str           the log line of an epoch
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import distributed
+import runs
+import utils
+from runs import RunControl
+from tracker import Tracker
+
+
+class EpochRunner:
+    """One run of a script: set up in __init__ (restored from `ckpt` when resuming), `run()` does the epochs."""
+
+    script = ""  # the checkpoint's kind and the progress bar's label
+    final_file = ""  # written by `finish` (or, for a search, at every epoch): a run with it and no epoch left is done
+
+    def __init__(self, args: argparse.Namespace, run_dir: str, ckpt: Optional[Dict[str, Any]], explicit: set,
+                 log: logging.Logger) -> None:
+        self.args, self.run_dir, self.log, self.ckpt = args, run_dir, log, ckpt
+        self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
+        utils.set_threads(self.device, args.threads)
+        utils.set_seed(args.seed)  # the same seed on every rank: identical initial weights (and alphas)
+        self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
+        self.start_epoch, self.best_valid_acc, self.wall_s = 0, -1.0, 0.0
+        self.wandb_id: Optional[str] = None
+        self.pending_rng: Optional[Dict[str, Any]] = None
+        self.stopped_early = False
+        self.build()
+        if ckpt is not None:
+            self.restore(ckpt, explicit)
+        self.ddp = distributed.wrap(self.model, self.device)  # None without torchrun
+        self.after_setup()
+
+    @classmethod
+    def finished(cls, ckpt: Dict[str, Any], args: argparse.Namespace) -> Optional[str]:
+        """Why a run restored from `ckpt` has nothing left to do, or None. A run that stopped early stays
+        stopped; one that ran all --epochs is done once its `final_file` exists."""
+        epoch = ckpt["epoch"] + 1
+        if runs.field(ckpt, "stopped_early", bool, False):
+            return f"the run stopped early after epoch {epoch} and has finished"
+        run_dir = os.path.dirname(ckpt["path"])
+        if epoch >= args.epochs and os.path.exists(os.path.join(run_dir, cls.final_file)):
+            return f"the run has finished its {args.epochs} epochs"
+        return None
+
+    # ------------------------------------------------------------------------------------- what differs
+    def build(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_step(self, x, y, epoch: int, lr: float, check: Callable[[float, str], None]):  # pragma: no cover
+        raise NotImplementedError
+
+    def evaluate(self) -> Dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_setup(self) -> None:
+        pass
+
+    def before_epoch(self, epoch: int) -> Dict[str, Any]:
+        return {}
+
+    def after_epoch(self, epoch: int, row: Dict[str, Any]) -> bool:
+        return False
+
+    def write_epoch(self, row: Dict[str, Any]) -> Dict[str, Any]:
+        return {}
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, ckpt: Dict[str, Any], explicit: set) -> None:
+        pass
+
+    def finish(self, tracker: Tracker) -> None:
+        pass
+
+    def epoch_line(self, row: Dict[str, Any]) -> str:
+        return f"epoch {row['epoch']}/{self.args.epochs}"
+
+    def checked_tensors(self) -> List[torch.Tensor]:
+        """What every torchrun rank must hold identically after an epoch."""
+        return list(self.model.parameters())
+
+    # ---------------------------------------------------------------------------------------- checkpoint
+    def state(self, epoch: int) -> Dict[str, Any]:
+        return {"epoch": epoch, "args": vars(self.args), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": utils.rng_state(), "best_valid_acc": self.best_valid_acc, "wandb_id": self.wandb_id,
+                "wall_s": self.wall_s, "stopped_early": self.stopped_early, **self.extra_state()}
+
+    def restore(self, ckpt: Dict[str, Any], explicit: set) -> None:
+        self.load_extra_state(ckpt, explicit)
+        where = f"--resume {self.run_dir}"
+        for name in ("model", "optimizer", "scheduler"):
+            runs.load_state(getattr(self, name), runs.field(ckpt, name, dict), f"{where}: the {name}")
+        runs.override_schedule(self.optimizer, self.scheduler, self.args, explicit)
+        self.pending_rng = runs.field(ckpt, "rng", dict)  # applied when the epochs start, after every set-up
+        self.start_epoch = ckpt["epoch"] + 1
+        self.best_valid_acc = float(runs.field(ckpt, "best_valid_acc", (float, int)))
+        self.wall_s = float(runs.field(ckpt, "wall_s", (float, int), 0.0))
+        self.wandb_id = runs.field(ckpt, "wandb_id", (str, type(None)), None)
+
+    # ------------------------------------------------------------------------------------------- epochs
+    def train_epoch(self, epoch: int, lr: float, control: RunControl) -> Dict[str, float]:
+        """One pass over the training queue with `train_step`; loss and accuracy averaged over every rank."""
+        from tqdm import tqdm
+        self.model.train()
+        distributed.set_epoch(self.shuffled_queues(), epoch)
+        loss_m, acc_m = utils.AvgMeter(), utils.AvgMeter()
+        bar = tqdm(self.train_queue, desc=f"{self.script} {epoch + 1}/{self.args.epochs}", leave=False,
+                   dynamic_ncols=True, disable=None)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            logits, loss = self.train_step(x, y, epoch, lr,
+                                           lambda value, what: control.check_finite(value, what, epoch, step))
+            loss_m.update(loss.item(), y.size(0))
+            acc_m.update(utils.accuracy(logits.detach(), y)[0], y.size(0))
+            bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{acc_m.avg:.1f}")
+            if control.stop_requested:
+                break
+        return distributed.average_metrics({"train_loss": loss_m.avg, "train_acc": acc_m.avg}, acc_m.n)
+
+    def shuffled_queues(self) -> list:
+        return [self.train_queue]
+
+    @torch.no_grad()
+    def evaluate_queue(self, queue, prefix: str) -> Tuple[Dict[str, float], Any]:
+        """Loss and accuracy (top-5 too beyond 10 classes) over `queue`; also the network's second output of the
+        last batch (the supernet's expected energy)."""
+        self.model.eval()
+        loss_m, top1, top5 = utils.AvgMeter(), utils.AvgMeter(), utils.AvgMeter()
+        second = None
+        for x, y in queue:
+            x, y = x.to(self.device), y.to(self.device)
+            logits, second = self.model(x)
+            loss_m.update(torch.nn.functional.cross_entropy(logits, y).item(), y.size(0))
+            a1, a5 = utils.accuracy(logits, y, (1, 5))
+            top1.update(a1, y.size(0))
+            top5.update(a5, y.size(0))
+        out = {f"{prefix}_loss": loss_m.avg, f"{prefix}_acc": top1.avg}
+        if self.info.num_classes > 10:
+            out[f"{prefix}_acc_top5"] = top5.avg
+        return distributed.average_metrics(out, top1.n), second
+
+    def run(self, tracker: Tracker, control: RunControl) -> Dict[str, Any]:
+        """The epochs from `start_epoch`; every epoch ends with its metrics row, files and checkpoint."""
+        a = self.args
+        if self.pending_rng is not None:
+            utils.set_rng_state(self.pending_rng)
+        for epoch in range(self.start_epoch, a.epochs):
+            t0 = time.time()
+            lr = self.optimizer.param_groups[0]["lr"]  # read before scheduler.step(): no off-by-one epoch
+            row: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **self.before_epoch(epoch)}
+            with utils.autocast(self.device, a.amp):
+                row.update(self.train_epoch(epoch, lr, control))
+            if control.stop_requested:
+                self.log.info(runs.stopped_message(control.signal_name, epoch, self.run_dir))
+                return {"stopped": True}
+            distributed.check_same(self.checked_tensors(), "the weights")  # torchrun: ranks must agree
+            with utils.autocast(self.device, a.amp):
+                row.update(self.evaluate())
+            self.scheduler.step()
+            self.stopped_early = self.after_epoch(epoch, row)
+            row["epoch_s"] = time.time() - t0
+            self.wall_s += row["epoch_s"]
+            if distributed.is_main():  # torchrun: only rank 0 writes files
+                utils.append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), row)
+                tracker.log({**row, **self.write_epoch(row)}, step=epoch + 1)
+                runs.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), self.script, self.state(epoch))
+            self.log.info(self.epoch_line(row))
+            if self.stopped_early:
+                break
+        return {"stopped": False}
+
+
+def launch(cls, args: argparse.Namespace, explicit: set, ckpt: Optional[Dict[str, Any]]) -> int:
+    """Run `cls` (an EpochRunner) in its own run folder: set-up, epochs, `finish`; returns the exit status
+    (128 + signal when stopped by one). A resumed run with nothing left to do changes nothing."""
+    if ckpt is not None:
+        done = cls.finished(ckpt, args)
+        if done:
+            print(f"{ckpt['path']}: {done}; nothing to do")
+            return 0
+    distributed.init(args.device, args.dist_timeout)  # a no-op without torchrun
+    # Signals are caught from the start: a stop during set-up or the first epoch ends cleanly, and the folder goes.
+    with RunControl() as control, runs.RunFolder(args, cls.script, resume=ckpt is not None) as folder:
+        log = runs.setup_logging(folder.path, distributed.rank())
+        runner = cls(args, folder.path, ckpt, explicit, log)
+        if ckpt is not None:
+            runs.resume_bookkeeping(log, folder.path, ckpt, args, explicit)
+        tracker = runs.start_run(args, folder.path, runner.device, runner.estimator, runner.wandb_id, log)
+        runner.wandb_id, runner.tracker = tracker.run_id, tracker
+        result = runner.run(tracker, control)
+        if result["stopped"]:
+            tracker.finish()
+            return 128 + control.signal_number
+        runner.finish(tracker)
+        tracker.finish()
+    return 0
