@@ -32,6 +32,11 @@ def genotype_energy_mj(genotype: G.Genotype, info: DataInfo, channels: int, laye
                                                      info.image_size))
 
 
+def energy_under(rows: Sequence[dict], prefixes: Sequence[str]) -> float:
+    """mJ of the breakdown `rows` (estimator.breakdown) of the modules named by `prefixes` and everything inside."""
+    return sum(r["energy_mj"] for r in rows if any(r["name"] == p or r["name"].startswith(p + ".") for p in prefixes))
+
+
 def op_energies(genotype: G.Genotype, info: DataInfo, channels: int, layers: int, estimator,
                 all_cells: bool = False) -> Tuple[Dict[str, List[float]], float]:
     """mJ per image of each (op, input) pair of both cells in the network train.py builds: in the first cell of
@@ -45,9 +50,7 @@ def op_energies(genotype: G.Genotype, info: DataInfo, channels: int, layers: int
         cells = cells if all_cells else cells[:1]
         energies = []
         for k in range(len(getattr(genotype, kind))):
-            prefixes = [f"cells.{c}._ops.{k}" for c in cells]
-            energies.append(sum(r["energy_mj"] for r in rows
-                                if any(r["name"] == p or r["name"].startswith(p + ".") for p in prefixes)))
+            energies.append(energy_under(rows, [f"cells.{c}._ops.{k}" for c in cells]))
         out[kind] = energies
     return out, sum(r["energy_mj"] for r in rows)
 

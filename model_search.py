@@ -28,12 +28,14 @@ class MixedOp(nn.Module):
     """One edge: the weighted sum of every candidate op; returns (output, expected energy in J per sample)."""
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str], partial_channels: int = 1,
-                 skip_none: bool = True) -> None:
+                 skip_none: bool = True, pool_bn: bool = True, derive_none: bool = False) -> None:
+        """`pool_bn`: BN(affine=False) after each pool (DARTS; NAS-Bench-201's supernet has none). `derive_none`:
+        `none` is derivable (NAS-Bench-201), so it joins the expected energy, priced 0 J (the derived cell drops it)."""
         super().__init__()
         self.k = partial_channels
         self.stride = stride
         self.primitives = list(primitives)
-        self.derivable = [i for i, p in enumerate(self.primitives) if p != "none"]
+        self.derivable = [i for i, p in enumerate(self.primitives) if derive_none or p != "none"]
         # The `none` op adds w * 0: skipping it gives the same output and gradients without a full-size zero tensor.
         self.active = [i for i in range(len(self.primitives)) if not (skip_none and self.primitives[i] == "none")]
         width = C // self.k
@@ -44,7 +46,7 @@ class MixedOp(nn.Module):
             if self.k > 1:  # price the op at the full width it will have in the derived network
                 object.__setattr__(op, "price_as", OPS[name](C, stride, False))
             self._ops.append(op)
-            if name in POOLS:
+            if name in POOLS and pool_bn:
                 self._post[str(i)] = BatchNorm2d(width, affine=False)
         if self.k > 1 and stride == 2:
             self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
@@ -53,7 +55,7 @@ class MixedOp(nn.Module):
     def op_energies(self) -> torch.Tensor:
         """Cached energies (J per sample) of the derivable ops, as a float64 tensor (rebuilt when they change)."""
         vec = self._energy_vec
-        values = [self._ops[i].energy for i in self.derivable]
+        values = self._derivable_energies()
         if vec is None or vec.tolist() != values:
             vec = self._energy_vec = torch.tensor(values, dtype=torch.float64)
         return vec
@@ -83,8 +85,11 @@ class MixedOp(nn.Module):
             out = channel_shuffle(torch.cat([out, xb], dim=1), self.k)
         return out, self.expected_energy(energy_weights)
 
+    def _derivable_energies(self) -> List[float]:
+        return [0.0 if self.primitives[i] == "none" else self._ops[i].energy for i in self.derivable]
+
     def energy_range(self) -> Tuple[float, float]:
-        e = [self._ops[i].energy for i in self.derivable]
+        e = self._derivable_energies()
         return min(e), max(e)
 
 
@@ -286,19 +291,21 @@ def derive(weights: Sequence[Sequence[float]], primitives: Sequence[str], steps:
 
 def guard_derivation(weights: Sequence[Sequence[float]], primitives: Sequence[str], gene: Sequence[Tuple[str, int]],
                      max_skip: Optional[int] = None, min_parametric: int = 0,
-                     actions: Optional[List[str]] = None) -> List[Tuple[str, int]]:
+                     actions: Optional[List[str]] = None, rows: Optional[Sequence[int]] = None,
+                     edge_names: Optional[Sequence[str]] = None) -> List[Tuple[str, int]]:
     """P-DARTS-style guards on a derived cell `gene` (from `derive(weights, ...)`): while it holds more than
     `max_skip` skip_connects, the weakest one (by its own softmax weight) becomes its edge's best parametric op;
     then, while it holds fewer than `min_parametric` parametric ops, the weakest parameter-free choice does. Each
     node keeps its 2 inputs (only the op on a kept edge changes). `actions` receives one line per rewrite; nodes are
-    numbered as genotype inputs are (2 = the first intermediate node)."""
+    numbered as genotype inputs are (2 = the first intermediate node). Other cell layouts (NAS-Bench-201) give the
+    weight row of each gene entry (`rows`, default DARTS's) and the edges' names for `actions`."""
     from operations import is_parametric
     parametric = [k for k, p in enumerate(primitives) if p != "none" and is_parametric(p)]
     gene = list(gene)
     if (max_skip is None and min_parametric <= 0) or not parametric:
         return gene
     index = {p: k for k, p in enumerate(primitives)}
-    rows = edge_rows(gene)  # the weight row of each gene entry
+    rows = list(rows) if rows is not None else edge_rows(gene)  # the weight row of each gene entry
 
     def rewrite(pos: int, why: str) -> None:
         op, j = gene[pos]
@@ -306,7 +313,8 @@ def guard_derivation(weights: Sequence[Sequence[float]], primitives: Sequence[st
         best = max(parametric, key=lambda k: W[k])
         gene[pos] = (primitives[best], j)
         if actions is not None:
-            actions.append(f"{why} replaced {op} on edge (node {pos // 2 + 2}, input {j}) by {primitives[best]}")
+            where = edge_names[pos] if edge_names is not None else f"(node {pos // 2 + 2}, input {j})"
+            actions.append(f"{why} replaced {op} on edge {where} by {primitives[best]}")
 
     def weakest(pred) -> Optional[int]:
         cands = [p for p, (op, _) in enumerate(gene) if pred(op)]
