@@ -100,6 +100,44 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
     return front
 
 
+def directed_front(points: Sequence[Tuple[float, float]], x_better: str = "lower",
+                   y_better: str = "higher") -> List[int]:
+    """`pareto_front` where each axis says which way is better ("lower" or "higher"); sorted by x."""
+    for name, way in (("x", x_better), ("y", y_better)):
+        if way not in ("lower", "higher"):
+            raise ValueError(f"{name}_better must be 'lower' or 'higher', got {way!r}")
+    sx, sy = (1.0 if x_better == "lower" else -1.0), (1.0 if y_better == "higher" else -1.0)
+    front = pareto_front([(sx * x, sy * y) for x, y in points])
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def benchmark_plot(cloud: Sequence[Tuple[float, float]], cells: Sequence[Tuple[str, float, float]], path: str,
+                   x_label: str, y_label: str, x_better: str = "lower", y_better: str = "higher",
+                   title: str = "") -> str:
+    """A sweep's cells (label, x, y) on two measured axes over a benchmark's whole cloud of cells and that cloud's
+    Pareto front (each axis better `lower` or `higher`: accuracy up, energy or latency down)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    ax.scatter([p[0] for p in cloud], [p[1] for p in cloud], s=6, color="#b0b0b0", alpha=0.5, lw=0,
+               label=f"benchmark ({len(cloud):,} cells)")
+    front = [cloud[i] for i in directed_front(cloud, x_better, y_better)]
+    stairs = "steps-post" if x_better == "lower" else "steps-pre"  # the edge of the region the front dominates
+    ax.plot([p[0] for p in front], [p[1] for p in front], "-o", ms=3, drawstyle=stairs, color="crimson", lw=1.3,
+            label=f"benchmark Pareto front ({len(front)} cells)")
+    for k, (label, x, y) in enumerate(cells):
+        ax.scatter([x], [y], s=60, marker="*", color=plt.get_cmap("viridis")(0.85 * k / max(1, len(cells) - 1)),
+                   edgecolor="black", lw=0.6, zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    if cells:
+        ax.scatter([], [], s=60, marker="*", color="white", edgecolor="black", lw=0.6, label="this sweep's cells")
+    ax.set_xlabel(f"{x_label} ({x_better} is better)")
+    ax.set_ylabel(f"{y_label} ({y_better} is better)")
+    ax.set_title(title or f"{y_label} vs {x_label}: the sweep over the benchmark")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
 def pareto_plot(rows: List[dict], path: str, acc_key: str, title: str = "") -> str:
     """Accuracy vs estimated energy: runs as dots, mean +- std per energy weight, the front of the means."""
     import numpy as np
