@@ -153,16 +153,20 @@ def save(genotype: Genotype, path: str, primitives: Optional[Sequence[str]] = No
     atomic_write_text(path, json.dumps(to_dict(genotype, primitives, meta), indent=2) + "\n")
 
 
-def load(path: str) -> Genotype:
-    """Read and validate a genotype file; GenotypeError with a one-line reason otherwise."""
+def read_json(path: str) -> Any:
+    """The JSON in a genotype file, unvalidated; GenotypeError with a one-line reason if it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise GenotypeError(f"genotype file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GenotypeError(f"genotype file {path} is not valid JSON ({e})") from None
-    return from_dict(data, where=f"genotype file {path}")
+
+
+def load(path: str) -> Genotype:
+    """Read and validate a genotype file; GenotypeError with a one-line reason otherwise."""
+    return from_dict(read_json(path), where=f"genotype file {path}")
 
 
 def load_meta(path: str) -> Dict[str, Any]:

@@ -126,7 +126,32 @@ class Cell(nn.Module):
         return torch.cat(states[-self.multiplier:], dim=1), energy
 
 
-class Network(LayoutMixin, nn.Module):
+class SupernetMixin:
+    """What every supernet shares, given its `_config` (constructor kwargs), `arch_parameters()` and `estimator`:
+    weights apart from alphas, the estimator hand-off and `new_model`."""
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def set_estimator(self, estimator) -> None:
+        """Hand the energy estimator to every op (energies are re-estimated on the next forward)."""
+        self.estimator = estimator
+        attach_estimator(self, estimator)
+
+    def new_model(self):
+        """A fresh supernet with new weights and the same alphas (DARTS's `new()`)."""
+        device = self.arch_parameters()[0].device
+        model = type(self)(**self._config).to(device).set_channels_last(self.channels_last)
+        with torch.no_grad():
+            for mine, theirs in zip(model.arch_parameters(), self.arch_parameters()):
+                mine.copy_(theirs)
+        if self.estimator is not None:
+            model.set_estimator(self.estimator)
+        return model
+
+
+class Network(SupernetMixin, LayoutMixin, nn.Module):
     """The DARTS supernet for any data set: stem from `in_channels`, head to `num_classes`."""
 
     def __init__(self, C: int, num_classes: int, layers: int, primitives: Sequence[str], in_channels: int = 3,
@@ -176,25 +201,6 @@ class Network(LayoutMixin, nn.Module):
         names = ["alphas_normal", "alphas_reduce"] + (["betas_normal", "betas_reduce"] if self.partial_channels > 1
                                                       else [])
         return [getattr(self, n) for n in names]
-
-    def weight_parameters(self) -> List[nn.Parameter]:
-        arch = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch]
-
-    def set_estimator(self, estimator) -> None:
-        """Hand the energy estimator to every op (energies are re-estimated on the next forward)."""
-        self.estimator = estimator
-        attach_estimator(self, estimator)
-
-    def new_model(self) -> "Network":
-        """A fresh network with new weights and the same alphas (DARTS's `new()`)."""
-        model = Network(**self._config).to(self.alphas_normal.device).set_channels_last(self.channels_last)
-        with torch.no_grad():
-            for mine, theirs in zip(model.arch_parameters(), self.arch_parameters()):
-                mine.copy_(theirs)
-        if self.estimator is not None:
-            model.set_estimator(self.estimator)
-        return model
 
     # -------------------------------------------------------------------------------------------- weights
     def _edge_weights(self, betas: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ derivation repairs it (`connect`) with the path that loses the least alpha weigh
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -25,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genotypes import GenotypeError
+from genotypes import GenotypeError, read_json
 from layout import LayoutMixin
-from model_search import MixedOp, guard_derivation
-from operations import OPS, ReLUConvBN, attach_estimator
+from model_search import MixedOp, SupernetMixin, guard_derivation
+from operations import OPS, ReLUConvBN
 
 SPACE = "nb201"
 PRIMITIVES: List[str] = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]  # NB201's order
@@ -157,13 +156,7 @@ def save(arch: ArchLike, path: str, primitives: Optional[Sequence[str]] = None,
 
 def load(path: str) -> Tuple[Arch, Dict[str, Any]]:
     """The arch and meta of an NB201 genotype file; GenotypeError with a one-line reason otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise GenotypeError(f"genotype file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenotypeError(f"genotype file {path} is not valid JSON ({e})") from None
+    data = read_json(path)
     arch = from_dict(data, where=f"genotype file {path}")
     return arch, dict(data.get("meta", {}))
 
@@ -304,7 +297,7 @@ def check_primitives(primitives: Sequence[str]) -> List[str]:
     return prims
 
 
-class Supernet(_Skeleton):
+class Supernet(SupernetMixin, _Skeleton):
     """NB201's DARTS supernet, with model_search.Network's public methods (the architect and the runner use it
     unchanged). forward(x) -> (logits, expected energy of all cells' edges in J per sample). `layers` is N, the
     cells per stage. Partial channels (PC-DARTS's K) apply to every edge; NB201 keeps every edge, so there are no
@@ -330,23 +323,6 @@ class Supernet(_Skeleton):
 
     def arch_parameters(self) -> List[nn.Parameter]:
         return [self.alphas]
-
-    def weight_parameters(self) -> List[nn.Parameter]:
-        return [p for p in self.parameters() if p is not self.alphas]
-
-    def set_estimator(self, estimator) -> None:
-        """Hand the energy estimator to every op (energies are re-estimated on the next forward)."""
-        self.estimator = estimator
-        attach_estimator(self, estimator)
-
-    def new_model(self) -> "Supernet":
-        """A fresh supernet with new weights and the same alphas."""
-        model = Supernet(**self._config).to(self.alphas.device).set_channels_last(self.channels_last)
-        with torch.no_grad():
-            model.alphas.copy_(self.alphas)
-        if self.estimator is not None:
-            model.set_estimator(self.estimator)
-        return model
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         weights = F.softmax(self.alphas, dim=-1)
