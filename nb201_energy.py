@@ -140,7 +140,8 @@ def to_dot(arch: nb201.ArchLike, energies: Sequence[float], title: str) -> str:
     """DOT text of an NB201 cell: nodes 0 (input) to 3 (output), each edge labelled with its op and mJ."""
     lines = ["digraph cell {", "  rankdir=LR; labelloc=t; fontname=Helvetica;", f'  label="{title}";',
              "  node [style=filled, shape=rect, fontsize=16, penwidth=2, fontname=Helvetica, fillcolor=lightblue];",
-             "  edge [fontsize=13, fontname=Helvetica];", '  "0" [fillcolor=darkseagreen2]; "3" [fillcolor=palegoldenrod];']
+             "  edge [fontsize=13, fontname=Helvetica];",
+             '  "0" [fillcolor=darkseagreen2]; "3" [fillcolor=palegoldenrod];']
     for (i, j), op, e in zip(nb201.EDGES, nb201.as_arch(arch), energies):
         style = ", style=dashed, color=gray" if op == "none" else ""
         lines.append(f'  "{j}" -> "{i}" [label="{op}\\n{e:.4f} mJ"{style}];')
@@ -173,8 +174,8 @@ def render(arch: nb201.ArchLike, out_dir: str, info: DataInfo, estimator, channe
     backend = pick_backend(backend)
     os.makedirs(out_dir, exist_ok=True)
     energies, total = edge_energies(arch, info, estimator, channels, layers)
-    title = (f"{name} NB201 cell, ops of the first of {3 * layers} cells ({channels} channels): {sum(energies):.4f} mJ; "
-             f"network {total:.4f} mJ per image").strip()
+    title = (f"{name} NB201 cell, ops of the first of {3 * layers} cells ({channels} channels): "
+             f"{sum(energies):.4f} mJ; network {total:.4f} mJ per image").strip()
     base = os.path.join(out_dir, "cell")
     if backend == "graphviz":
         return draw_graphviz(to_dot(arch, energies, title), base)

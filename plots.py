@@ -34,24 +34,31 @@ def edge_labels(steps: int = 4) -> List[str]:
     return names
 
 
-def alpha_heatmaps(alphas: Dict[str, list], primitives: Sequence[str], path: str, title: str = "") -> str:
-    """Softmaxed alphas as two heatmaps (edges x ops), normal and reduce cells side by side."""
+CELL_KINDS = ("normal", "reduce", "cell")  # DARTS's two cells; NAS-Bench-201's one
+
+
+def alpha_heatmaps(alphas: Dict[str, list], primitives: Sequence[str], path: str, title: str = "",
+                   row_labels: Optional[Sequence[str]] = None) -> str:
+    """Softmaxed alphas as heatmaps (edges x ops), one per cell kind in `alphas` (normal and reduce side by side,
+    or NB201's `cell`); rows named by `row_labels` (default: DARTS's edges)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
-    rows = len(alphas["normal"])
+    kinds = [k for k in CELL_KINDS if k in alphas]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 5.5), sharey=True, squeeze=False)
+    rows = len(alphas[kinds[0]])
     steps = {2: 1, 5: 2, 9: 3, 14: 4, 20: 5}.get(rows, 4)
-    for ax, kind in zip(axes, ("normal", "reduce")):
+    labels = list(row_labels) if row_labels is not None else edge_labels(steps)[:rows]
+    for ax, kind in zip(axes[0], kinds):
         im = ax.imshow(alphas[kind], cmap="viridis", aspect="auto")  # own range: early alphas are near-uniform
-        ax.set_title(f"{kind} cell")
+        ax.set_title(f"{kind} cell" if kind != "cell" else "cell")
         ax.set_xticks(range(len(primitives)))
         ax.set_xticklabels(primitives, rotation=45, ha="right")
         ax.set_yticks(range(rows))
-        ax.set_yticklabels(edge_labels(steps)[:rows])
+        ax.set_yticklabels(labels)
         for r, row in enumerate(alphas[kind]):
             best = max(range(len(row)), key=row.__getitem__)
             ax.text(best, r, "*", ha="center", va="center", color="white", fontsize=12)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="softmax(alpha)")
-    axes[0].set_ylabel("edge (node <- input)")
+    axes[0][0].set_ylabel("edge (node <- input)")
     fig.suptitle(title or "architecture weights (* = strongest op per edge)")
     return _save(fig, path)
 
@@ -173,8 +180,8 @@ def pareto_plot(rows: List[dict], path: str, acc_key: str, title: str = "") -> s
 
 
 def search_figures(run_dir: str, rows: List[dict], alphas: Dict[str, list], primitives: Sequence[str],
-                   title: str = "") -> Dict[str, Optional[str]]:
+                   title: str = "", row_labels: Optional[Sequence[str]] = None) -> Dict[str, Optional[str]]:
     """The per-epoch figures of a search run folder (paths by name)."""
     return {"alphas": alpha_heatmaps(alphas, primitives, os.path.join(run_dir, "alphas.png"),
-                                     f"{title} epoch {rows[-1]['epoch']}".strip()),
+                                     f"{title} epoch {rows[-1]['epoch']}".strip(), row_labels),
             "curves": curves(rows, os.path.join(run_dir, "curves.png"), SEARCH_PANELS, title)}

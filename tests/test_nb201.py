@@ -244,6 +244,15 @@ def test_cell_diagram(tmp_path):
     assert dot.count("->") == 6 and "avg_pool_3x3\\n0.5000 mJ" in dot
 
 
+def test_alpha_heatmap_of_the_one_cell(tmp_path):
+    import plots
+    net, _, _ = tiny_supernet()
+    labels = [nb201.edge_name(e) for e in range(6)]
+    assert labels[2] == "2<-1"
+    assert is_png(plots.alpha_heatmaps(net.softmaxed_alphas(), net.primitives, str(tmp_path / "a.png"),
+                                       row_labels=labels))
+
+
 # ---------------------------------------------------------------------------------------------- benchmark
 def write_table(path, lines, encoding="utf-8"):
     with open(path, "w", encoding=encoding, newline="") as f:
