@@ -163,6 +163,13 @@ def load_table(path: str, arch_column: str = ARCH_COLUMN, max_bytes: int = MAX_B
     return table
 
 
+def default_better(column: str) -> str:
+    """Which way a column is better when the user does not say: accuracies "higher", anything else (energy,
+    latency, FLOPs, parameters, error) "lower"."""
+    name = column.lower()
+    return "higher" if "acc" in name or "top1" in name or "top-1" in name else "lower"
+
+
 def plot_sweep(table: BenchmarkTable, cells: Sequence[Tuple[str, nb201.ArchLike]], x: str, y: str, path: str,
                x_better: str = "lower", y_better: str = "higher", title: str = "") -> Tuple[str, List[str]]:
     """`pareto.py --benchmark`: the sweep's cells (label, arch) on two measured columns over the whole table's

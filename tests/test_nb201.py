@@ -15,6 +15,7 @@ from architect import Architect
 from cliargs import CLIError
 from datasets import DataInfo
 from dl_energy_estimator import EnergyEstimator
+from search_control import CollapseStopper
 from utils import count_params
 
 BEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
@@ -165,6 +166,8 @@ def test_supernet_api_for_the_runner():
     arch.step(x, y, x, y, eta=0.1)
     assert not torch.equal(before, net.alphas.detach())
     assert {id(p) for p in net.weight_parameters()}.isdisjoint({id(net.alphas)})
+    net.set_channels_last(True)
+    assert net(x)[0].shape == (4, 10) and net.new_model().channels_last
     twin = net.new_model()
     assert torch.equal(twin.alphas, net.alphas) and twin.estimator is net.estimator
     rows = json.loads(json.dumps(net.softmaxed_alphas()))["cell"]
@@ -202,6 +205,9 @@ def test_guards_on_the_six_edges():
     assert arch.count("skip_connect") == 2 and arch.count("nor_conv_3x3") == 4 and len(actions) == 4
     arch = nb201.derive_arch(weights, nb201.PRIMITIVES, min_parametric=1)
     assert arch.count("nor_conv_3x3") == 1
+    stopper = CollapseStopper(max_skips=2, consecutive=1)  # DARTS+'s early stop reads the 6 edges as its cell
+    assert not stopper.update(1, nb201.collapse_view(MIXED))
+    assert stopper.update(2, nb201.collapse_view(("skip_connect",) * 6)) and stopper.result_epoch == 1
 
 
 # ------------------------------------------------------------------------------------------ costs and budgets
@@ -313,6 +319,7 @@ def test_benchmark_plot_writes_a_png(tmp_path):
     table = benchmark.load_table(write_table(tmp_path / "b.csv", lines))
     cells = [("w0", BEST), ("w1", "|skip_connect~0|+|none~0|skip_connect~1|+|none~0|none~1|skip_connect~2|"),
              ("w2", MIXED)]  # MIXED has avg_pool_3x3: not in this table
+    assert benchmark.default_better("test_acc") == "higher" and benchmark.default_better("energy_mj") == "lower"
     path, missing = benchmark.plot_sweep(table, cells, "energy_mj", "test_acc", str(tmp_path / "p.png"))
     assert is_png(path) and missing == ["w2"]
     with pytest.raises(CLIError, match="no column"):
