@@ -23,9 +23,10 @@ CellPairs = List[Pair]
 Weights = Sequence[Sequence[float]]  # one cell kind's (edges x ops) softmaxed alphas
 
 
-def derivable(primitives: Sequence[str]) -> List[int]:
-    """Indices of the ops derivation may choose: every primitive but `none`."""
-    return [k for k, p in enumerate(primitives) if p != "none"]
+def derivable(primitives: Sequence[str], none: bool = False) -> List[int]:
+    """Indices of the ops derivation may choose: every primitive but `none` (DARTS); all of them where `none` is a
+    member of the space (NAS-Bench-201, `none=True`)."""
+    return [k for k, p in enumerate(primitives) if none or p != "none"]
 
 
 def edge_rows(pairs: Sequence[Sequence[Any]]) -> List[int]:
@@ -50,18 +51,20 @@ def derive(weights: Weights, primitives: Sequence[str], steps: int) -> CellPairs
 
 def guard_derivation(weights: Weights, primitives: Sequence[str], gene: Sequence[Pair],
                      max_skip: Optional[int] = None, min_parametric: int = 0,
-                     actions: Optional[List[str]] = None) -> CellPairs:
+                     actions: Optional[List[str]] = None, rows: Optional[Sequence[int]] = None,
+                     edge_names: Optional[Sequence[str]] = None) -> CellPairs:
     """P-DARTS-style guards on a derived cell `gene` (from `derive(weights, ...)`): while it holds more than
     `max_skip` skip_connects, the weakest one (by its own softmax weight) becomes its edge's best parametric op;
     then, while it holds fewer than `min_parametric` parametric ops, the weakest parameter-free choice does. Each
-    node keeps its 2 inputs (only the op on a kept edge changes). `actions` receives one line per rewrite; nodes are
-    numbered as genotype inputs are (2 = the first intermediate node)."""
+    node keeps its inputs (only the op on a kept edge changes). `actions` receives one line per rewrite; nodes are
+    numbered as genotype inputs are (2 = the first intermediate node). Other cell layouts (NAS-Bench-201) give the
+    weight row of each gene entry (`rows`, default DARTS's) and the edges' names for `actions`."""
     parametric = [k for k in derivable(primitives) if is_parametric(primitives[k])]
     gene = list(gene)
     if (max_skip is None and min_parametric <= 0) or not parametric:
         return gene
     index = {p: k for k, p in enumerate(primitives)}
-    rows = edge_rows(gene)
+    rows = list(rows) if rows is not None else edge_rows(gene)
 
     def rewrite(pos: int, why: str) -> None:
         op, j = gene[pos]
@@ -69,7 +72,8 @@ def guard_derivation(weights: Weights, primitives: Sequence[str], gene: Sequence
         best = max(parametric, key=lambda k: W[k])
         gene[pos] = (primitives[best], j)
         if actions is not None:
-            actions.append(f"{why} replaced {op} on edge (node {pos // 2 + 2}, input {j}) by {primitives[best]}")
+            where = edge_names[pos] if edge_names is not None else f"(node {pos // 2 + 2}, input {j})"
+            actions.append(f"{why} replaced {op} on edge {where} by {primitives[best]}")
 
     def weakest(pred) -> Optional[int]:
         cands = [p for p, (op, _) in enumerate(gene) if pred(op)]

@@ -35,35 +35,36 @@ def genotype_energy_mj(genotype: G.Genotype, info: DataInfo, channels: int, laye
 def op_energies(genotype: G.Genotype, info: DataInfo, channels: int, layers: int, estimator,
                 all_cells: bool = False) -> Tuple[Dict[str, List[float]], float]:
     """mJ per image of each (op, input) pair of both cells in the network train.py builds: in the first cell of
-    each kind, or summed over all cells of that kind (`all_cells`). Also returns the whole network's energy.
-    Each op is priced on the input it gets in a forward pass of the whole network at the deployment shape."""
+    each kind, or summed over all cells of that kind (`all_cells`). Also returns the whole network's energy."""
     net = priced_network(genotype, info, channels, layers).eval()
     shape = (estimator.batch_size, info.in_channels, info.image_size, info.image_size)
-    inputs = op_input_shapes(net, shape)
     out: Dict[str, List[float]] = {}
     for kind in KINDS:
         cells = [c for c in net.cells if c.reduction == (kind == "reduce")]
         cells = cells if all_cells else cells[:1]
-        out[kind] = [1e3 * sum(estimator.op_energy(c.ops[k], inputs[c.ops[k]]) for c in cells)
-                     for k in range(len(getattr(genotype, kind)))]
+        per_op = module_energies(net, shape, [c.ops[k] for c in cells for k in range(len(c.ops))], estimator)
+        n = len(getattr(genotype, kind))
+        out[kind] = [sum(per_op[i * n + k] for i in range(len(cells))) for k in range(n)]
     return out, 1e3 * estimator.model_energy(net, shape)
 
 
-def op_input_shapes(net: torch.nn.Module, shape: Sequence[int]) -> Dict[torch.nn.Module, Tuple[int, ...]]:
-    """The input shape of every cell op of `net` in one forward pass at `shape` (batch first)."""
+def module_energies(net: torch.nn.Module, shape: Sequence[int], modules: Sequence[torch.nn.Module],
+                    estimator) -> List[float]:
+    """mJ per image of each of `modules` (single-input parts of `net`), each priced on the input it gets in one
+    forward pass of `net` at `shape` (batch first); 0 for a module the forward pass does not run."""
     seen: Dict[torch.nn.Module, Tuple[int, ...]] = {}
 
     def record(module: torch.nn.Module, args: tuple) -> None:
         seen.setdefault(module, tuple(args[0].shape))
 
-    hooks = [op.register_forward_pre_hook(record) for cell in net.cells for op in cell.ops]
+    hooks = [m.register_forward_pre_hook(record) for m in set(modules)]
     try:
         with torch.no_grad():
             net(torch.zeros(shape))
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return [1e3 * estimator.op_energy(m, seen[m]) if m in seen else 0.0 for m in modules]
 
 
 def probe_genotype(op: str, steps: int = 4) -> G.Genotype:

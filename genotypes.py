@@ -147,6 +147,15 @@ def save(genotype: Genotype, path: str, primitives: Optional[Sequence[str]] = No
     atomic_write_text(path, json.dumps(to_dict(genotype, primitives, meta), indent=2) + "\n")
 
 
+def read_json(path: str) -> Any:
+    """The JSON in a genotype file (bounded: `jsonfile`), unvalidated; GenotypeError with a one-line reason."""
+    import jsonfile
+    try:
+        return jsonfile.read(path, "genotype file")
+    except jsonfile.JSONFileError as e:
+        raise GenotypeError(str(e)) from None
+
+
 def load(path: str) -> Genotype:
     """Read and validate a genotype file; GenotypeError with a one-line reason otherwise."""
     return load_with_meta(path)[0]
@@ -164,8 +173,8 @@ def load_with_meta(path: str):
     type-checked, and a bad file is one GenotypeError naming the file and the field."""
     import jsonfile
     where = f"genotype file {path}"
+    data = read_json(path)
     try:
-        data = jsonfile.read(path, "genotype file")
         genotype = from_dict(data, where=where)
         meta = jsonfile.get(data, "meta", dict, where, {})
         primitives = jsonfile.get(data, "primitives", list, where, None)

@@ -31,12 +31,14 @@ class MixedOp(nn.Module):
     """One edge: the weighted sum of every candidate op; returns (output, expected energy in J per sample)."""
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str], partial_channels: int = 1,
-                 skip_none: bool = True) -> None:
+                 skip_none: bool = True, pool_bn: bool = True, derive_none: bool = False) -> None:
+        """`pool_bn`: BN(affine=False) after each pool (DARTS; NAS-Bench-201's supernet has none). `derive_none`:
+        `none` is derivable (NAS-Bench-201), so it joins the expected energy, priced 0 J (the derived cell drops it)."""
         super().__init__()
         self.k = partial_channels
         self.stride = stride
         self.primitives = list(primitives)
-        self.derivable = derivable(self.primitives)
+        self.derivable = derivable(self.primitives, none=derive_none)
         # The `none` op adds w * 0: skipping it gives the same output and gradients without a full-size zero tensor.
         self.active = [i for i in range(len(self.primitives)) if not (skip_none and self.primitives[i] == "none")]
         width = C // self.k
@@ -47,7 +49,7 @@ class MixedOp(nn.Module):
             if self.k > 1:  # price the op at the full width it will have in the derived network
                 op.priced_as = functools.partial(OPS[name], C, stride, False)
             self._ops.append(op)
-            if name in POOLS:
+            if name in POOLS and pool_bn:
                 self._post[str(i)] = BatchNorm2d(width, affine=False)
         if self.k > 1 and stride == 2:
             self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
@@ -60,7 +62,7 @@ class MixedOp(nn.Module):
     def op_energies(self) -> torch.Tensor:
         """Cached energies (J per sample) of the derivable ops, as a float64 tensor (rebuilt when they change)."""
         vec = self._energy_vec
-        values = [op.energy for op in self.derivable_ops()]
+        values = self._derivable_energies()
         if vec is None or vec.tolist() != values:
             vec = self._energy_vec = torch.tensor(values, dtype=torch.float64)
         return vec
@@ -90,8 +92,12 @@ class MixedOp(nn.Module):
             out = channel_shuffle(torch.cat([out, xb], dim=1), self.k)
         return out, self.expected_energy(energy_weights)
 
+    def _derivable_energies(self) -> List[float]:
+        # `none` (derivable in NB201) costs nothing in a derived network; its op never runs here (`active`)
+        return [0.0 if self.primitives[i] == "none" else self._ops[i].energy for i in self.derivable]
+
     def energy_range(self) -> Tuple[float, float]:
-        e = [op.energy for op in self.derivable_ops()]
+        e = self._derivable_energies()
         return min(e), max(e)
 
 
@@ -128,7 +134,32 @@ class Cell(nn.Module):
         return torch.cat(states[-self.multiplier:], dim=1), energy
 
 
-class Network(LayoutMixin, nn.Module):
+class SupernetMixin:
+    """What every supernet shares, given its `_config` (constructor kwargs), `arch_parameters()` and `estimator`:
+    weights apart from alphas, the estimator hand-off and `new_model`."""
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def set_estimator(self, estimator) -> None:
+        """Hand the energy estimator to every op (energies are re-estimated on the next forward)."""
+        self.estimator = estimator
+        attach_estimator(self, estimator)
+
+    def new_model(self):
+        """A fresh supernet with new weights and the same alphas (DARTS's `new()`)."""
+        device = self.arch_parameters()[0].device
+        model = type(self)(**self._config).to(device).set_channels_last(self.channels_last)
+        with torch.no_grad():
+            for mine, theirs in zip(model.arch_parameters(), self.arch_parameters()):
+                mine.copy_(theirs)
+        if self.estimator is not None:
+            model.set_estimator(self.estimator)
+        return model
+
+
+class Network(SupernetMixin, LayoutMixin, nn.Module):
     """The DARTS supernet for any data set: stem from `in_channels`, head to `num_classes`."""
 
     def __init__(self, C: int, num_classes: int, layers: int, primitives: Sequence[str], in_channels: int = 3,
@@ -178,25 +209,6 @@ class Network(LayoutMixin, nn.Module):
         names = ["alphas_normal", "alphas_reduce"] + (["betas_normal", "betas_reduce"] if self.partial_channels > 1
                                                       else [])
         return [getattr(self, n) for n in names]
-
-    def weight_parameters(self) -> List[nn.Parameter]:
-        arch = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch]
-
-    def set_estimator(self, estimator) -> None:
-        """Hand the energy estimator to every op (energies are re-estimated on the next forward)."""
-        self.estimator = estimator
-        attach_estimator(self, estimator)
-
-    def new_model(self) -> "Network":
-        """A fresh network with new weights and the same alphas (DARTS's `new()`)."""
-        model = Network(**self._config).to(self.alphas_normal.device).set_channels_last(self.channels_last)
-        with torch.no_grad():
-            for mine, theirs in zip(model.arch_parameters(), self.arch_parameters()):
-                mine.copy_(theirs)
-        if self.estimator is not None:
-            model.set_estimator(self.estimator)
-        return model
 
     # -------------------------------------------------------------------------------------------- weights
     def _edge_weights(self, betas: torch.Tensor) -> torch.Tensor:

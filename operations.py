@@ -206,6 +206,9 @@ OPS: Dict[str, OpFactory] = {
     "conv_1x1": lambda C, stride, affine: ReLUConvBN(C, C, 1, stride, 0, affine),
     "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine),
 }
+# NAS-Bench-201's names for the same ReLU-Conv-BN ops (its `nor_conv_kxk`), so its arch strings read as written.
+OPS["nor_conv_1x1"] = OPS["conv_1x1"]
+OPS["nor_conv_3x3"] = OPS["conv_3x3"]
 
 PARAMETER_FREE = frozenset({"none", "avg_pool_3x3", "max_pool_3x3", "skip_connect"})
 POOLS = frozenset({"avg_pool_3x3", "max_pool_3x3"})

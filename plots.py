@@ -34,24 +34,31 @@ def edge_labels(steps: int = 4) -> List[str]:
     return names
 
 
-def alpha_heatmaps(alphas: Dict[str, list], primitives: Sequence[str], path: str, title: str = "") -> str:
-    """Softmaxed alphas as two heatmaps (edges x ops), normal and reduce cells side by side."""
+CELL_KINDS = ("normal", "reduce", "cell")  # DARTS's two cells; NAS-Bench-201's one
+
+
+def alpha_heatmaps(alphas: Dict[str, list], primitives: Sequence[str], path: str, title: str = "",
+                   row_labels: Optional[Sequence[str]] = None) -> str:
+    """Softmaxed alphas as heatmaps (edges x ops), one per cell kind in `alphas` (normal and reduce side by side,
+    or NB201's `cell`); rows named by `row_labels` (default: DARTS's edges)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
-    rows = len(alphas["normal"])
+    kinds = [k for k in CELL_KINDS if k in alphas]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 5.5), sharey=True, squeeze=False)
+    rows = len(alphas[kinds[0]])
     steps = {2: 1, 5: 2, 9: 3, 14: 4, 20: 5}.get(rows, 4)
-    for ax, kind in zip(axes, ("normal", "reduce")):
+    labels = list(row_labels) if row_labels is not None else edge_labels(steps)[:rows]
+    for ax, kind in zip(axes[0], kinds):
         im = ax.imshow(alphas[kind], cmap="viridis", aspect="auto")  # own range: early alphas are near-uniform
-        ax.set_title(f"{kind} cell")
+        ax.set_title(f"{kind} cell" if kind != "cell" else "cell")
         ax.set_xticks(range(len(primitives)))
         ax.set_xticklabels(primitives, rotation=45, ha="right")
         ax.set_yticks(range(rows))
-        ax.set_yticklabels(edge_labels(steps)[:rows])
+        ax.set_yticklabels(labels)
         for r, row in enumerate(alphas[kind]):
             best = max(range(len(row)), key=row.__getitem__)
             ax.text(best, r, "*", ha="center", va="center", color="white", fontsize=12)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="softmax(alpha)")
-    axes[0].set_ylabel("edge (node <- input)")
+    axes[0][0].set_ylabel("edge (node <- input)")
     fig.suptitle(title or "architecture weights (* = strongest op per edge)")
     return _save(fig, path)
 
@@ -100,6 +107,44 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
     return front
 
 
+def directed_front(points: Sequence[Tuple[float, float]], x_better: str = "lower",
+                   y_better: str = "higher") -> List[int]:
+    """`pareto_front` where each axis says which way is better ("lower" or "higher"); sorted by x."""
+    for name, way in (("x", x_better), ("y", y_better)):
+        if way not in ("lower", "higher"):
+            raise ValueError(f"{name}_better must be 'lower' or 'higher', got {way!r}")
+    sx, sy = (1.0 if x_better == "lower" else -1.0), (1.0 if y_better == "higher" else -1.0)
+    front = pareto_front([(sx * x, sy * y) for x, y in points])
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def benchmark_plot(cloud: Sequence[Tuple[float, float]], cells: Sequence[Tuple[str, float, float]], path: str,
+                   x_label: str, y_label: str, x_better: str = "lower", y_better: str = "higher",
+                   title: str = "") -> str:
+    """A sweep's cells (label, x, y) on two measured axes over a benchmark's whole cloud of cells and that cloud's
+    Pareto front (each axis better `lower` or `higher`: accuracy up, energy or latency down)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    ax.scatter([p[0] for p in cloud], [p[1] for p in cloud], s=6, color="#b0b0b0", alpha=0.5, lw=0,
+               label=f"benchmark ({len(cloud):,} cells)")
+    front = [cloud[i] for i in directed_front(cloud, x_better, y_better)]
+    stairs = "steps-post" if x_better == "lower" else "steps-pre"  # the edge of the region the front dominates
+    ax.plot([p[0] for p in front], [p[1] for p in front], "-o", ms=3, drawstyle=stairs, color="crimson", lw=1.3,
+            label=f"benchmark Pareto front ({len(front)} cells)")
+    for k, (label, x, y) in enumerate(cells):
+        ax.scatter([x], [y], s=60, marker="*", color=plt.get_cmap("viridis")(0.85 * k / max(1, len(cells) - 1)),
+                   edgecolor="black", lw=0.6, zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    if cells:
+        ax.scatter([], [], s=60, marker="*", color="white", edgecolor="black", lw=0.6, label="this sweep's cells")
+    ax.set_xlabel(f"{x_label} ({x_better} is better)")
+    ax.set_ylabel(f"{y_label} ({y_better} is better)")
+    ax.set_title(title or f"{y_label} vs {x_label}: the sweep over the benchmark")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
 def pareto_plot(rows: List[dict], path: str, acc_key: str, title: str = "") -> str:
     """Accuracy vs estimated energy: runs as dots, mean +- std per energy weight, the front of the means."""
     import numpy as np
@@ -135,10 +180,10 @@ def pareto_plot(rows: List[dict], path: str, acc_key: str, title: str = "") -> s
 
 
 def search_figures(run_dir: str, rows: List[dict], alphas: Dict[str, list], primitives: Sequence[str],
-                   title: str = "") -> Dict[str, Optional[str]]:
+                   title: str = "", row_labels: Optional[Sequence[str]] = None) -> Dict[str, Optional[str]]:
     """The per-epoch figures of a search run folder (paths by name)."""
     return {"alphas": alpha_heatmaps(alphas, primitives, os.path.join(run_dir, "alphas.png"),
-                                     f"{title} epoch {rows[-1]['epoch']}".strip()),
+                                     f"{title} epoch {rows[-1]['epoch']}".strip(), row_labels),
             "curves": curves(rows, os.path.join(run_dir, "curves.png"), SEARCH_PANELS, title)}
 
 
