@@ -163,11 +163,11 @@ def project_to_budget(cells: Dict[str, CellPairs], weights: Dict[str, Weights], 
 
 
 def cell_stats(normal: Sequence[Pair], alphas: Dict[str, Any]) -> Dict[str, float]:
-    """Counts of parametric / skip / pool ops in a derived normal cell, and the mean entropy of the softmaxed
-    alphas (every row of both kinds)."""
+    """Counts of parametric / skip / pool ops in a derived normal cell (NB201: its one cell), and the mean entropy
+    of the softmaxed alphas (every row of every cell kind)."""
     ops = [op for op, _ in normal]
     entropy = float(np.mean([-(np.asarray(row) * np.log(np.clip(row, 1e-12, None))).sum()
-                             for kind in ("normal", "reduce") for row in alphas[kind]]))
+                             for kind in ("normal", "reduce", "cell") if kind in alphas for row in alphas[kind]]))
     return {"normal_parametric": sum(is_parametric(op) for op in ops),
             "normal_skip": ops.count("skip_connect"),
             "normal_pool": sum(op in POOLS for op in ops),

@@ -22,7 +22,7 @@ DEFAULTS: Dict[tuple, Dict[str, Dict[str, Any]]] = {
     ("search", "darts"): {
         "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, weight_decay=3e-4,
                   epochs=50, init_channels=16, layers=8, train_portion=0.5, grad_clip=5.0, arch_learning_rate=3e-4,
-                  arch_weight_decay=1e-3, workers=2, threads=0),
+                  arch_weight_decay=1e-3, workers=2, threads=0, nesterov=False),
         "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=5,
                        arch_learning_rate=3e-3, workers=0),
     },
@@ -39,32 +39,44 @@ DEFAULTS: Dict[tuple, Dict[str, Dict[str, Any]]] = {
 }
 
 
+def _nb201_tables() -> None:
+    """NB201's protocols (nb201.py) over DARTS's table for what they leave open (workers, threads, ...)."""
+    import nb201
+    for script, table in (("search", nb201.SEARCH_DEFAULTS), ("train", nb201.TRAIN_DEFAULTS)):
+        DEFAULTS[(script, "nb201")] = {"*": {**DEFAULTS[(script, "darts")]["*"], **table["*"]},
+                                       **{k: v for k, v in table.items() if k != "*"}}
+
+
 def defaults_for(script: str, dataset: str, space: str = "darts") -> Dict[str, Any]:
     """The defaults of `script` ("search" or "train") for `dataset` in `space`."""
+    if (script, space) not in DEFAULTS:
+        _nb201_tables()
     table = DEFAULTS[(script, space)]
     return {**table["*"], **table.get(dataset, {})}
 
 
 def resolve_defaults(args: argparse.Namespace, script: str) -> None:
-    """Fill the flags left at None from `defaults_for` (the one place a script's defaults are decided)."""
-    for key, value in defaults_for(script, args.dataset, getattr(args, "space", "darts")).items():
-        if getattr(args, key, None) is None:
+    """Fill the declared flags left at None from `defaults_for` (the one place a script's defaults are decided)."""
+    for key, value in defaults_for(script, args.dataset, args.space).items():
+        if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)
 
 
 def evaluation_network(meta: Dict[str, Any], dataset: Optional[str] = None, channels: Optional[int] = None,
-                       layers: Optional[int] = None) -> Tuple[str, DataInfo, int, int]:
+                       layers: Optional[int] = None, space: str = "darts") -> Tuple[str, DataInfo, int, int]:
     """(data set, its shape, width, depth) of the network train.py builds for a genotype: flags first, then the
     genotype's metadata, then train.py's defaults for the data set. A user's image folder, whose shape only its
     files know, is taken as CIFAR-sized RGB with 10 classes (--image_size's default)."""
     dataset = dataset or meta.get("dataset") or DEFAULT_DATASET
-    table = defaults_for("train", dataset)
+    table = defaults_for("train", dataset, space)
     return (dataset, known_info(dataset) or DataInfo(3, 10, 32), channels or meta.get("eval_channels")
             or table["init_channels"], layers or meta.get("eval_layers") or table["layers"])
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Flags both scripts share (names as in DARTS where DARTS has one)."""
+    p.add_argument("--space", default="darts", choices=["darts", "nb201"],
+                   help="search space: DARTS's cells, or NAS-Bench-201's (README, \"NAS-Bench-201\")")
     p.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS),
                    help="data set (default DARTS's cifar10; digits ships with scikit-learn and works offline)")
     p.add_argument("--data", default="./data", help="folder of the data set (downloaded there when online)")
@@ -110,6 +122,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init_channels", type=positive_int)
     p.add_argument("--layers", type=positive_int)
     p.add_argument("--grad_clip", type=positive_float)
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (NB201's protocols)")
 
 
 def search_parser() -> argparse.ArgumentParser:
@@ -118,8 +131,12 @@ def search_parser() -> argparse.ArgumentParser:
                                             "digits has small defaults of its own).")
     add_common_args(p)
     add_training_args(p)
-    p.add_argument("--primitives", default="darts",
-                   help=f"candidate ops: a set ({', '.join(G.PRIMITIVE_SETS)}) or a comma list of op names")
+    p.add_argument("--primitives", default=None,
+                   help=f"candidate ops: a set ({', '.join(G.PRIMITIVE_SETS)}; nb201 for --space nb201) or a comma "
+                        f"list of op names (default: the space's own set)")
+    p.add_argument("--benchmark", default=None,
+                   help="--space nb201: a CSV with an arch_str column (NAS-Bench-201, HW-NAS-Bench); each epoch the "
+                        "derived cell's row goes to metrics.jsonl as bench_<column>")
     p.add_argument("--task_weight", type=nonneg_float, default=0.9, help="weight of the normalized task loss")
     p.add_argument("--energy_weight", type=nonneg_float, default=0.05,
                    help="weight of the normalized expected energy (0 = plain DARTS)")
@@ -145,7 +162,8 @@ def train_parser() -> argparse.ArgumentParser:
                                             "protocol; digits and imagenet have defaults of their own).")
     add_common_args(p)
     arch = p.add_mutually_exclusive_group()
-    arch.add_argument("--genotype", help="genotype.json written by train_search.py")
+    arch.add_argument("--genotype", help="genotype.json written by train_search.py (--space nb201: or an arch "
+                                         "string)")
     arch.add_argument("--arch", help=f"a named genotype: {', '.join(G.NAMED_GENOTYPES)}")
     add_training_args(p)
     p.add_argument("--auxiliary", action="store_true", help="auxiliary tower at 2/3 depth")
@@ -157,7 +175,6 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_schedule", choices=["cosine", "exponential"], default=None,
                    help="cosine annealing over --epochs, or x --gamma per epoch (DARTS's ImageNet protocol)")
     p.add_argument("--gamma", type=positive_float, default=None, help="with --lr_schedule exponential: decay per epoch")
-    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
     p.add_argument("--image_size", type=positive_int, default=None,
                    help="imagenet/imagefolder: side of the square input (default 224 / 32)")
     add_speed_args(p)

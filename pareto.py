@@ -20,10 +20,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional
 
-import genotypes as G
 import jsonfile
 import options
 import runs
+import spaces
 import utils
 from cliargs import CLIError, fail, positive_int
 from tracker import Tracker, wandb_mode
@@ -55,9 +55,11 @@ def search_finished(run_dir: str) -> bool:
     genotype = os.path.join(run_dir, "genotype.json")
     if not all(os.path.isfile(p) for p in (args_path, metrics, genotype)):
         return False
-    if G.load_meta(genotype).get("early_stop"):
+    args = read_args(run_dir)
+    space = spaces.get(jsonfile.get(args, "space", str, args_path, "darts"))
+    if space.load(genotype)[1].get("early_stop"):
         return True
-    epochs = jsonfile.positive(jsonfile.get(read_args(run_dir), "epochs", int, f"{args_path}"), f"{args_path}: 'epochs'")
+    epochs = jsonfile.positive(jsonfile.get(args, "epochs", int, args_path), f"{args_path}: 'epochs'")
     return len(jsonfile.read_lines(metrics, "metrics file")) >= epochs
 
 
@@ -81,17 +83,16 @@ def plan(args: argparse.Namespace, passthrough: List[str], sweep_dir: str) -> Li
         for s in args.seeds:
             name = f"w{w:g}-s{s}"
             run_dir = os.path.join(sweep_dir, name)
+            common = (["--dataset", args.dataset] if args.dataset else []) + ["--space", args.space]
             search = [sys.executable, "train_search.py", *passthrough, "--energy_weight", str(w), "--seed", str(s),
-                      "--log_dir", sweep_dir, "--run_name", name, "--wandb", args.wandb]
-            if args.dataset:
-                search += ["--dataset", args.dataset]
+                      "--log_dir", sweep_dir, "--run_name", name, "--wandb", args.wandb, *common]
+            if args.benchmark:
+                search += ["--benchmark", args.benchmark]
             train = None
             if args.train:
                 train = [sys.executable, "train.py", "--genotype", os.path.join(run_dir, "genotype.json"),
                          "--seed", str(s), "--log_dir", run_dir, "--run_name", "train", "--wandb", args.wandb,
-                         *shlex.split(args.train_args)]
-                if args.dataset:
-                    train += ["--dataset", args.dataset]
+                         *shlex.split(args.train_args), *common]
             jobs.append({"name": name, "run_dir": run_dir, "search": search, "train": train})
     return jobs
 
@@ -106,21 +107,25 @@ def execute(job: Dict[str, Any], sweep_dir: str, log) -> str:
         if run_command(job["search"], out) != 0:
             return f"{job['name']}: search failed (see {out})"
     if job["train"]:
-        if os.path.isfile(os.path.join(job["run_dir"], "train", "summary.json")):
+        train_dir = os.path.join(job["run_dir"], "train")
+        if os.path.isfile(os.path.join(train_dir, "summary.json")):
             log(f"{job['name']}: training already finished, skipped")
-        elif run_command(job["train"], out) != 0:
+            return f"{job['name']}: done"
+        if os.path.isfile(os.path.join(train_dir, "checkpoint.pt")):  # a training stopped part-way: continue it
+            job["train"] += ["--resume", train_dir]
+        if run_command(job["train"], out) != 0:
             return f"{job['name']}: training failed (see {out})"
     return f"{job['name']}: done"
 
 
 def collect(run_dir: str, estimator) -> Dict[str, Any]:
     """One pareto.csv row from a search run folder (and its train/ subfolder when trained)."""
-    from model import build_network, network_report
+    from model import network_report
     args = read_args(run_dir)
-    genotype, meta = G.load_with_meta(os.path.join(run_dir, "genotype.json"))
-    _, info, channels, layers = options.evaluation_network(meta)
-    net = build_network(genotype, channels, info.num_classes, layers, False, info.in_channels, info.image_size)
-    report = network_report(net.eval(), estimator, info)
+    space = spaces.get(jsonfile.get(args, "space", str, f"args file of {run_dir}", "darts"))
+    genotype, meta = space.load(os.path.join(run_dir, "genotype.json"))
+    _, info, channels, layers = options.evaluation_network(meta, space=space.name)
+    report = network_report(space.network(genotype, channels, info, layers).eval(), estimator, info)
     summary_path = os.path.join(run_dir, "train", "summary.json")
     summary = jsonfile.expect(jsonfile.read(summary_path, "summary file", {}), dict, summary_path)
     where = f"run {run_dir}"
@@ -130,7 +135,7 @@ def collect(run_dir: str, estimator) -> Dict[str, Any]:
             "genotype_energy_mj": report.energy_mj, "params": report.params, "macs": report.macs,
             "valid_acc": meta.get("valid_acc"),
             "test_acc": jsonfile.get(summary, "test_acc", (int, float), summary_path, None),
-            "run": os.path.abspath(run_dir)}
+            "run": os.path.abspath(run_dir), "arch": space.describe(genotype)}
 
 
 def write_outputs(rows: List[Dict[str, Any]], out_dir: str, tracker: Tracker) -> Dict[str, str]:
@@ -150,7 +155,7 @@ def write_outputs(rows: List[Dict[str, Any]], out_dir: str, tracker: Tracker) ->
     return {"csv": csv_path, "png": png}
 
 
-OWN_FLAGS = ("--energy_weight", "--seed", "--log_dir", "--run_name", "--wandb", "--resume")
+OWN_FLAGS = ("--energy_weight", "--seed", "--log_dir", "--run_name", "--wandb", "--resume", "--space", "--benchmark")
 
 
 def check_passthrough(args: argparse.Namespace, passthrough: List[str]) -> None:
@@ -165,7 +170,7 @@ def check_passthrough(args: argparse.Namespace, passthrough: List[str]) -> None:
         train_args = shlex.split(args.train_args)
     except ValueError as e:
         raise CLIError(f"--train_args {args.train_args!r}: {e}") from None
-    dataset = ["--dataset", args.dataset] if args.dataset else []
+    dataset = (["--dataset", args.dataset] if args.dataset else []) + ["--space", args.space]
     for w in args.energy_weights:
         search_args = dry_parse(train_search.build_parser(), "train_search.py", passthrough + dataset +
                                 ["--energy_weight", str(w)])
@@ -181,12 +186,49 @@ def dry_parse(parser: argparse.ArgumentParser, script: str, argv: List[str]) -> 
     return parser.parse_args(argv)
 
 
+def check_benchmark(args: argparse.Namespace):
+    """The --benchmark table (None without one), its --x / --y columns checked before anything runs."""
+    if not args.benchmark:
+        if args.x or args.y:
+            raise CLIError("--x / --y name columns of a --benchmark table: give one")
+        return None
+    import benchmark
+    if args.space != "nb201":
+        raise CLIError("--benchmark looks up NB201 arch strings: it needs --space nb201")
+    if bool(args.x) != bool(args.y):
+        raise CLIError("--x and --y go together: the two columns of the benchmark plot")
+    table = benchmark.load_table(args.benchmark)
+    if args.x:
+        table.check_columns([args.x, args.y])
+    return table
+
+
+def benchmark_figure(args: argparse.Namespace, table, rows: List[Dict[str, Any]], sweep_dir: str, tracker,
+                     log) -> str:
+    """The sweep's cells on the benchmark's --x / --y columns over the table's cloud and front (benchmark.png)."""
+    import benchmark
+    cells = [(f"w={r['energy_weight']:g} s={r['seed']}", r["arch"]) for r in rows]
+    path, missing = benchmark.plot_sweep(table, cells, args.x, args.y, os.path.join(sweep_dir, "benchmark.png"),
+                                         benchmark.default_better(args.x), benchmark.default_better(args.y),
+                                         f"sweep cells on {os.path.basename(args.benchmark)}")
+    if missing:
+        log.info(f"not in {args.benchmark} (left out of {path}): {', '.join(missing)}")
+    tracker.log({"benchmark": tracker.image(path)})
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, description="Accuracy-energy sweep over energy weights and seeds; unknown flags "
                                             "go to train_search.py.")
     p.add_argument("--energy_weights", type=floats, default=floats("0,0.02,0.05,0.1,0.2,0.5"))
     p.add_argument("--seeds", type=ints, default=ints("0,1,2"))
     p.add_argument("--dataset", default=None, help="passed to the search and the training")
+    p.add_argument("--space", default="darts", choices=["darts", "nb201"], help="passed to the search and the training")
+    p.add_argument("--benchmark", default=None,
+                   help="--space nb201: a table with an arch_str column (NAS-Bench-201, HW-NAS-Bench); passed to the "
+                        "searches, and with --x/--y the sweep's cells are plotted on two of its columns")
+    p.add_argument("--x", default=None, help="with --benchmark: the column on the plot's x axis (e.g. an energy)")
+    p.add_argument("--y", default=None, help="with --benchmark: the column on the plot's y axis (e.g. an accuracy)")
     p.add_argument("--train", action="store_true", help="also train each derived genotype with train.py")
     p.add_argument("--train_args", default="", help="extra flags for train.py, quoted, e.g. \"--epochs 10\"")
     p.add_argument("--jobs", type=positive_int, default=1, help="searches run in parallel processes")
@@ -210,16 +252,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise CLIError(f"--from: no genotype.json in {', '.join(missing)}")
         else:
             check_passthrough(args, passthrough)
+        table = check_benchmark(args)
         estimator = utils.load_estimator(args.energy_model, None)
         with runs.RunFolder(argparse.Namespace(log_dir=args.log_dir, run_name=args.run_name,
                                                dataset=args.dataset or "sweep"), "pareto", reuse=True) as folder:
-            return sweep(args, passthrough, folder.path, estimator)
+            return sweep(args, passthrough, folder.path, estimator, table)
     except CLIError as e:
         p.print_usage(sys.stderr)
         fail(str(e))
 
 
-def sweep(args: argparse.Namespace, passthrough: List[str], sweep_dir: str, estimator) -> int:
+def sweep(args: argparse.Namespace, passthrough: List[str], sweep_dir: str, estimator, table=None) -> int:
     """Run (or resume) the searches of the sweep, then write pareto.csv and pareto.png."""
     log = runs.setup_logging(sweep_dir)
     tracker = Tracker(args.wandb, sweep_dir, {**vars(args), "passthrough": passthrough}, "energy-aware-darts",
@@ -240,6 +283,8 @@ def sweep(args: argparse.Namespace, passthrough: List[str], sweep_dir: str, esti
         tracker.finish()
         fail("no finished search to plot", code=1)
     out = write_outputs(rows, sweep_dir, tracker)
+    if table is not None and args.x:
+        out["png"] += " and " + benchmark_figure(args, table, rows, sweep_dir, tracker, log)
     tracker.finish()
     for r in sorted(rows, key=lambda r: (r["energy_weight"], r["seed"] or 0)):
         log.info(f"w={r['energy_weight']:g} seed={r['seed']} energy {r['genotype_energy_mj']:.4f} mJ "

@@ -187,15 +187,14 @@ def search_figures(run_dir: str, rows: List[dict], alphas: Dict[str, list], prim
             "curves": curves(rows, os.path.join(run_dir, "curves.png"), SEARCH_PANELS, title)}
 
 
-def search_epoch_figures(run_dir: str, alphas: Dict[str, list], primitives: Sequence[str], run_name: str, genotype,
-                         network: tuple, epoch: int) -> Dict[str, str]:
+def search_epoch_figures(run_dir: str, alphas: Dict[str, list], primitives: Sequence[str], run_name: str, space,
+                         genotype, network: tuple, epoch: int) -> Dict[str, str]:
     """A search's figures after an epoch: alpha heatmaps and curves from its metrics.jsonl (`search_figures`), and
-    the cells of `genotype` in cells/ with per-op energies of the network `(info, channels, layers, estimator)`
-    train.py builds from it. Returns name -> PNG path."""
+    the cells of `genotype` (a genotype of `space`, spaces.py) in cells/ with per-op energies of the network
+    `(info, channels, layers, estimator)` train.py builds from it. Returns name -> PNG path."""
     import jsonfile
-    import visualize
     rows = jsonfile.read_lines(os.path.join(run_dir, "metrics.jsonl"), "metrics file")
-    paths = search_figures(run_dir, rows, alphas, primitives, run_name)
-    cells = visualize.render(genotype, os.path.join(run_dir, "cells"), *network, name=f"epoch {epoch}")
+    paths = search_figures(run_dir, rows, alphas, primitives, run_name, space.edge_labels())
+    cells = space.render(genotype, os.path.join(run_dir, "cells"), *network, name=f"epoch {epoch}")
     paths.update({f"cell_{os.path.basename(p)[:-4]}": p for p in cells if p.endswith(".png")})
     return paths

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -22,11 +23,12 @@ import distributed
 import genotypes as G
 import options
 import runs
+import spaces
 import utils
 from cliargs import CLIError, explicit_flags
 from datasets import DataInfo, eval_loaders, load_dataset
 from layout import want_channels_last
-from model import build_network, network_report
+from model import network_report
 from runner import EpochRunner, launch
 
 
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> None:
+    if spaces.space_of_genotype(args.genotype) == "nb201":  # an NB201 cell names its space itself
+        args.space = "nb201"
     options.resolve_defaults(args, "train")
     if not args.genotype and not args.arch:
         raise CLIError("give the architecture: --genotype path/to/genotype.json or --arch NAME "
@@ -47,8 +51,9 @@ def resolve(args: argparse.Namespace) -> None:
         raise CLIError("--weights go with --report --measure_energy (the estimate does not depend on weights)")
 
 
-def load_genotype(args: argparse.Namespace) -> G.Genotype:
-    return G.load(args.genotype) if args.genotype else G.named_genotype(args.arch)
+def load_genotype(args: argparse.Namespace):
+    """The genotype of --genotype / --arch in --space."""
+    return spaces.get(args.space).resolve(args.genotype, args.arch)[0]
 
 
 def dataset_info(args: argparse.Namespace) -> DataInfo:
@@ -62,9 +67,9 @@ def dataset_info(args: argparse.Namespace) -> DataInfo:
     return info
 
 
-def make_model(genotype: G.Genotype, args: argparse.Namespace, info: DataInfo) -> nn.Module:
-    return build_network(genotype, args.init_channels, info.num_classes, args.layers, args.auxiliary,
-                         info.in_channels, info.image_size, imagenet=args.dataset == "imagenet")
+def make_model(genotype, args: argparse.Namespace, info: DataInfo) -> nn.Module:
+    return spaces.get(args.space).network(genotype, args.init_channels, info, args.layers, args.auxiliary,
+                                          imagenet=args.dataset == "imagenet")
 
 
 def report(args: argparse.Namespace) -> int:
@@ -136,7 +141,8 @@ class Trainer(EpochRunner):
 
     def build(self) -> None:
         args = self.args
-        self.genotype = G.from_dict(runs.field(self.ckpt, "genotype", dict), where="--resume checkpoint") \
+        self.space = spaces.get(args.space)
+        self.genotype = self.space.from_dict(runs.field(self.ckpt, "genotype", dict), "--resume checkpoint") \
             if self.ckpt else load_genotype(args)
         cutout = args.cutout_length if args.cutout else 0
         size = args.image_size
@@ -160,12 +166,12 @@ class Trainer(EpochRunner):
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, args.epochs)
 
     def after_setup(self) -> None:
-        self.log.info(f"genotype = {self.genotype}\n{self.report.text()}")
+        self.log.info(f"genotype = {self.space.describe(self.genotype)}\n{self.report.text()}")
         if distributed.enabled() and self.ckpt is None:  # same initial weights, then per-rank augmentation/drop path
             utils.set_seed(self.args.seed + distributed.rank())
 
     def extra_state(self) -> Dict[str, Any]:
-        return {"genotype": G.to_dict(self.genotype)}
+        return {"genotype": self.space.to_dict(self.genotype)}
 
     def before_epoch(self, epoch: int) -> Dict[str, Any]:
         self.model.drop_path_prob = self.args.drop_path_prob * epoch / self.args.epochs
@@ -179,7 +185,8 @@ class Trainer(EpochRunner):
             loss = loss + self.args.auxiliary_weight * self.criterion(logits_aux, y)
         check(loss.item(), "training loss")
         loss.backward()
-        check(float(nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)), "gradient")
+        clip = self.args.grad_clip or math.inf  # NB201's protocol does not clip: the norm is still checked
+        check(float(nn.utils.clip_grad_norm_(self.model.parameters(), clip)), "gradient")
         self.optimizer.step()
         return logits, loss
 
@@ -191,7 +198,7 @@ class Trainer(EpochRunner):
         return row
 
     def write_epoch(self, row: Dict[str, Any]) -> Dict[str, Any]:
-        weights = {"model": self.model.state_dict(), "genotype": G.to_dict(self.genotype)}
+        weights = {"model": self.model.state_dict(), "genotype": self.space.to_dict(self.genotype)}
         utils.atomic_torch_save(weights, os.path.join(self.run_dir, "weights.pt"))
         if self.valid_queue is not None and row["valid_acc"] > self.best_valid_acc:
             self.best_valid_acc = row["valid_acc"]
@@ -209,7 +216,7 @@ class Trainer(EpochRunner):
         last = runs.last_row(self.run_dir)
         summary = {"params": rep.params, "macs": rep.macs, "energy_mj": rep.energy_mj,
                    "test_acc": last.get("test_acc"), "seed": args.seed, "wall_s": self.wall_s,
-                   "epochs": args.epochs, "genotype": G.to_dict(self.genotype),
+                   "epochs": args.epochs, "genotype": self.space.to_dict(self.genotype),
                    "best_valid_acc": self.best_valid_acc if args.valid_portion else None}
         if distributed.is_main():
             utils.atomic_write_json(os.path.join(self.run_dir, "summary.json"), summary)

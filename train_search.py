@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed
-import genotypes as G
+import benchmark
 import jsonfile
 import options
 import runs
@@ -22,13 +22,12 @@ import utils
 from architect import Architect
 from cliargs import CLIError, explicit_flags
 from datasets import load_dataset, search_loaders
-from derivation import cell_stats, project_genotype, ranking
-from derived_energy import CellCosts, genotype_energy_mj
+from derivation import cell_stats, ranking
 from layout import want_channels_last
-from model import build_network, network_report
-from model_search import Network
+from model import network_report
 from runner import EpochRunner, launch
 import search_control
+import spaces
 from search_control import BudgetController, CollapseStopper
 
 
@@ -46,21 +45,21 @@ def parse_args(argv: Optional[List[str]] = None):
 def resolve(args: argparse.Namespace) -> None:
     """Fill the defaults of the data set and check what argparse cannot."""
     options.resolve_defaults(args, "search")
-    evaluated = options.defaults_for("train", args.dataset)
+    evaluated = options.defaults_for("train", args.dataset, args.space)
     args.eval_channels = args.eval_channels or evaluated["init_channels"]
     args.eval_layers = args.eval_layers or evaluated["layers"]
     if args.dataset == "imagenet":
         raise CLIError("search on --dataset imagenet is not supported (DARTS transfers a CIFAR cell); "
                        "use imagefolder with small images")
-    args.primitives = G.parse_primitives(args.primitives) if isinstance(args.primitives, str) else args.primitives
-    if args.layers < 3:  # reductions sit at layers // 3 and 2 * layers // 3: fewer layers leave no normal cell
-        raise CLIError(f"--layers {args.layers} leaves no normal cell to search; use at least 3")
-    if args.init_channels % args.partial_channels or (args.init_channels // args.partial_channels) % 2:
-        raise CLIError(f"--partial_channels {args.partial_channels} must divide --init_channels "
-                       f"{args.init_channels} into an even width")
+    space = spaces.get(args.space)
+    if not isinstance(args.primitives, list):
+        args.primitives = space.parse_primitives(args.primitives or space.default_primitives)
+    space.check(args)
+    if args.benchmark and args.space != "nb201":
+        raise CLIError("--benchmark looks up NB201 arch strings: it needs --space nb201")
     if args.task_weight == 0 and args.energy_weight == 0:
         raise CLIError("--task_weight and --energy_weight are both 0: the alphas would have no objective")
-    search_control.check_args(args)
+    search_control.check_args(args, space.guarded_ops)
 
 
 def weight_step(model, params, optimizer, x, y, grad_clip: float, check=lambda value, what: None, ddp=None):
@@ -97,10 +96,9 @@ class Search(EpochRunner):
         a = self.args
         train_data, self.info = load_dataset(a.dataset, a.data, train=True)
         self.train_queue, self.valid_queue = search_loaders(train_data, a, self.device)
-        self.model = Network(a.init_channels, self.info.num_classes, a.layers, a.primitives, self.info.in_channels,
-                             self.estimator, partial_channels=a.partial_channels
-                             ).to(self.device).set_channels_last(want_channels_last(a.channels_last, self.device,
-                                                                                    a.amp))
+        self.space = spaces.get(a.space)
+        self.model = self.space.supernet(a, self.info, self.estimator).to(self.device).set_channels_last(
+            want_channels_last(a.channels_last, self.device, a.amp))
         if a.compile:
             utils.compile_cells(self.model)
         self.weights = self.model.weight_parameters()
@@ -113,7 +111,8 @@ class Search(EpochRunner):
                                    grad_hook=distributed.average_ if distributed.enabled() else None)
         self.stopper = CollapseStopper(patience=a.patience) if a.early_stop else None
         self.budget = BudgetController(a.energy_budget, a.budget_rate) if a.energy_budget else None
-        self._costs: Optional[CellCosts] = None
+        self._costs = None
+        self.benchmark = benchmark.load_table(a.benchmark) if a.benchmark else None
 
     # -------------------------------------------------------------------------------------- the algorithm
     def before_epoch(self, epoch: int) -> Dict[str, Any]:
@@ -155,66 +154,64 @@ class Search(EpochRunner):
         unguarded = self.model.genotype()
         guarded = self.guarded(actions)
         self.epoch_genotype = self.project(guarded, actions)
-        for line in actions:
-            self.log.info(line)
-        row.update(guard_actions=len(actions), unguarded_normal_skip=CollapseStopper.skips(unguarded))
+        self.log.info("\n".join(actions)) if actions else None
+        row.update(guard_actions=len(actions),
+                   unguarded_normal_skip=CollapseStopper.skips(self.space.collapse_view(unguarded)))
         if self.budget is not None:  # where the search itself stands, before the projection onto the budget
             row.update(budget_lambda=self.budget.lam, unprojected_energy_mj=self.cell_costs().total(guarded))
         self.alphas = self.model.softmaxed_alphas()
-        row["genotype_energy_mj"] = genotype_energy_mj(self.epoch_genotype, self.info, a.eval_channels,
-                                                       a.eval_layers, self.estimator)
-        row.update(cell_stats(self.epoch_genotype.normal, self.alphas))
+        row["genotype_energy_mj"] = self.space.energy_mj(self.epoch_genotype, self.info, a.eval_channels,
+                                                         a.eval_layers, self.estimator)
+        row.update(cell_stats(self.space.guarded_cell(self.epoch_genotype), self.alphas))
+        row.update(self.benchmark.metrics(self.epoch_genotype) if self.benchmark else {})
         self.best_valid_acc = max(self.best_valid_acc, row["valid_acc"])
         if self.stopper is None:
             return False
-        kept = {"genotype": G.to_dict(self.epoch_genotype),
-                "row": {k: row[k] for k in ("epoch", "valid_acc", "genotype_energy_mj")}}
-        stop = self.stopper.update(epoch + 1, unguarded, kept, ranking(self.alphas, a.primitives))
-        if stop:
+        kept = {"genotype": self.space.to_dict(self.epoch_genotype),
+                "row": {k: v for k, v in row.items() if k in ("epoch", "valid_acc", "genotype_energy_mj")
+                        or k.startswith("bench_")}}
+        if stop := self.stopper.update(epoch + 1, self.space.collapse_view(unguarded), kept,
+                                       ranking(self.alphas, a.primitives)):
             self.log.info(self.stopper.reason)
         return stop
 
-    def guarded(self, actions: Optional[List[str]] = None) -> G.Genotype:
-        """The derived genotype with the guards of --max_skip / --min_parametric applied."""
+    def guarded(self, actions: Optional[List[str]] = None):
+        """The derived genotype, guarded by --max_skip / --min_parametric."""
         return self.model.genotype(self.args.max_skip, self.args.min_parametric, actions)
 
-    def project(self, genotype: G.Genotype, actions: List[str]) -> G.Genotype:
+    def project(self, genotype, actions: List[str]):
         """The genotype this run writes: `genotype` projected onto --energy_budget when one is set."""
-        a = self.args
         if self.budget is None:
             return genotype
-        return project_genotype(genotype, self.model.derivation_weights(), a.primitives, self.cell_costs(),
-                                a.energy_budget, a.max_skip, a.min_parametric, actions)
+        return self.space.project(genotype, self.model, self.args, self.cell_costs(), actions)
 
-    def cell_costs(self) -> CellCosts:
+    def cell_costs(self):
         """Per-op energies of the network train.py builds (measured once; the budget prices every step with it)."""
         if self._costs is None:
-            a = self.args
-            self._costs = CellCosts(a.primitives, self.info, a.eval_channels, a.eval_layers, self.estimator,
-                                    self.model.steps)
+            self._costs = self.space.costs(self.args, self.info, self.estimator)
         return self._costs
 
     def energy_scale(self, epoch: int) -> float:
         return search_control.energy_scale(epoch, self.args.warmup_epochs, self.args.energy_ramp_epochs)
 
-    def checked_tensors(self) -> List[torch.Tensor]:
-        return self.model.arch_parameters() + self.model.weight_parameters()
+    def checked_tensors(self) -> List[torch.Tensor]:  # what torchrun's ranks must agree on
+        return self.model.arch_parameters() + self.weights
 
     # ------------------------------------------------------------------------------------ state and files
-    def space(self) -> Dict[str, Any]:
+    def search_space(self) -> Dict[str, Any]:
         a = self.args
-        return {"primitives": list(a.primitives), "layers": a.layers, "init_channels": a.init_channels,
-                "partial_channels": a.partial_channels, "dataset": a.dataset}
+        return {"space": a.space, "primitives": list(a.primitives), "layers": a.layers,
+                "init_channels": a.init_channels, "partial_channels": a.partial_channels, "dataset": a.dataset}
 
     def extra_state(self) -> Dict[str, Any]:
-        return {"space": self.space(), "arch_optimizer": self.architect.optimizer.state_dict(),
+        return {"space": self.search_space(), "arch_optimizer": self.architect.optimizer.state_dict(),
                 "stopper": self.stopper.state_dict() if self.stopper else None,
                 "budget": self.budget.state_dict() if self.budget else None}
 
     def load_extra_state(self, ckpt: Dict[str, Any], explicit: set) -> None:
-        if runs.field(ckpt, "space", dict) != self.space():
+        if runs.field(ckpt, "space", dict) != self.search_space():
             raise CLIError(f"--resume: the checkpoint's search space {ckpt['space']} differs from this "
-                           f"run's {self.space()}")
+                           f"run's {self.search_space()}")
         runs.load_state(self.architect.optimizer, runs.field(ckpt, "arch_optimizer", dict),
                         "--resume: the alphas' optimizer")
         if explicit & {"arch_learning_rate", "arch_weight_decay"}:
@@ -231,7 +228,8 @@ class Search(EpochRunner):
         utils.atomic_write_json(path, history)
         if self.stopped_early:
             kept = self.stopper.result
-            self.write_genotype(G.from_dict(kept["genotype"]), {**kept["row"], "early_stop": self.stopper.reason})
+            self.write_genotype(self.space.from_dict(kept["genotype"]), {**kept["row"],
+                                                                         "early_stop": self.stopper.reason})
         else:
             self.write_genotype(self.epoch_genotype, row)
         return self.plot_epoch(row)
@@ -240,11 +238,12 @@ class Search(EpochRunner):
         """The run folder's figures (updated each epoch), as wandb images."""
         import plots
         a, tracker = self.args, self.tracker
-        paths = plots.search_epoch_figures(self.run_dir, self.alphas, a.primitives, a.run_name, self.epoch_genotype,
-                                           (self.info, a.eval_channels, a.eval_layers, self.estimator), row["epoch"])
+        paths = plots.search_epoch_figures(self.run_dir, self.alphas, a.primitives, a.run_name, self.space,
+                                           self.epoch_genotype, (self.info, a.eval_channels, a.eval_layers,
+                                                                 self.estimator), row["epoch"])
         return {f"plots/{k}": tracker.image(p) for k, p in paths.items()} if tracker.run is not None else {}
 
-    def write_genotype(self, genotype: G.Genotype, row: Dict[str, Any]) -> None:
+    def write_genotype(self, genotype, row: Dict[str, Any]) -> None:
         """genotype.json with the epoch's metadata (also the kept genotype of an early stop)."""
         a = self.args
         meta = {"dataset": a.dataset, "energy_mj": row["genotype_energy_mj"],
@@ -255,7 +254,8 @@ class Search(EpochRunner):
         meta.update({"guards": {"max_skip": a.max_skip, "min_parametric": a.min_parametric}}
                     if a.max_skip is not None or a.min_parametric else {})
         meta.update({"energy_budget_mj": a.energy_budget} if a.energy_budget is not None else {})
-        G.save(genotype, os.path.join(self.run_dir, "genotype.json"), a.primitives, meta)
+        meta.update({k: v for k, v in row.items() if k.startswith("bench_")})
+        self.space.save(genotype, os.path.join(self.run_dir, "genotype.json"), a.primitives, meta)
 
     def epoch_line(self, row: Dict[str, Any]) -> str:
         a = self.args
@@ -263,7 +263,7 @@ class Search(EpochRunner):
                  f"{row['valid_acc']:.2f} expected_energy {row['expected_energy_mj']:.4f} mJ genotype_energy "
                  f"{row['genotype_energy_mj']:.4f} mJ | normal: {row['normal_parametric']} parametric, "
                  f"{row['normal_skip']} skip, {row['normal_pool']} pool, alpha entropy {row['alpha_entropy']:.3f}",
-                 f"genotype = {self.epoch_genotype}"]
+                 f"genotype = {self.space.describe(self.epoch_genotype)}"]
         if self.budget is not None:
             lines.append(f"energy budget {a.energy_budget:.4f} mJ: derived {row['genotype_energy_mj']:.4f} mJ, "
                          f"lambda {self.budget.lam:.4f}")
@@ -273,10 +273,10 @@ class Search(EpochRunner):
         """The network train.py builds from the written genotype: size and energy, logged and to wandb."""
         a, info = self.args, self.info
         path = os.path.join(self.run_dir, "genotype.json")
-        genotype = G.load(path)
-        report = network_report(build_network(genotype, a.eval_channels, info.num_classes, a.eval_layers, False,
-                                              info.in_channels, info.image_size), self.estimator, info)
-        self.log.info(f"search done in {self.wall_s:.1f} s; derived genotype = {genotype}")
+        genotype = self.space.load(path)[0]
+        report = network_report(self.space.network(genotype, a.eval_channels, info, a.eval_layers).eval(),
+                                self.estimator, info)
+        self.log.info(f"search done in {self.wall_s:.1f} s; derived genotype = {self.space.describe(genotype)}")
         self.log.info("network train.py builds from it (%d channels, %d layers):\n%s", a.eval_channels,
                       a.eval_layers, report.text())
         tracker.summary({"genotype_energy_mj": report.energy_mj, "params": report.params, "macs": report.macs})

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import genotypes as G
 import options
+import spaces
 import utils
 from cliargs import CLIError, fail, positive_int
 from datasets import DataInfo
@@ -150,9 +151,12 @@ def render(genotype: G.Genotype, out_dir: str, info: DataInfo, channels: int, la
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, description="Draw a genotype's cells (PNG and PDF) with per-op energies.")
-    p.add_argument("genotype", nargs="?", help="genotype.json")
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                description="Draw a genotype's cells (PNG and PDF) with per-op energies.")
+    p.add_argument("genotype", nargs="?", help="genotype.json (--space nb201: or an arch string)")
     p.add_argument("--arch", help=f"a named genotype instead: {', '.join(G.NAMED_GENOTYPES)}")
+    p.add_argument("--space", default=None, choices=["darts", "nb201"],
+                   help="search space of the genotype (default: what the genotype says, else darts)")
     p.add_argument("--out", default=None, help="output folder (default: beside the genotype file)")
     p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"])
     p.add_argument("--dataset", default=None, help="data set of the network (default: the genotype's, or cifar10)")
@@ -164,12 +168,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if bool(args.genotype) == bool(args.arch):
             raise CLIError("give a genotype file or --arch NAME (one of them)")
-        genotype, meta = G.load_with_meta(args.genotype) if args.genotype else (G.named_genotype(args.arch), {})
-        _, info, channels, layers = options.evaluation_network(meta, args.dataset, args.init_channels, args.layers)
+        space = spaces.get(args.space or spaces.space_of_genotype(args.genotype) or "darts")
+        genotype, meta = space.resolve(args.genotype, args.arch)
+        _, info, channels, layers = options.evaluation_network(meta, args.dataset, args.init_channels, args.layers,
+                                                               space.name)
         estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
-        out = args.out or (os.path.dirname(os.path.abspath(args.genotype)) if args.genotype else ".")
-        name = args.arch or os.path.basename(os.path.dirname(os.path.abspath(args.genotype)))
-        for path in render(genotype, out, info, channels, layers, estimator, args.backend, name):
+        is_file = args.genotype and os.path.isfile(args.genotype)
+        out = args.out or (os.path.dirname(os.path.abspath(args.genotype)) if is_file else ".")
+        name = args.arch or (os.path.basename(os.path.dirname(os.path.abspath(args.genotype))) if is_file else "")
+        for path in space.render(genotype, out, info, channels, layers, estimator, args.backend, name):
             print(path)
     except CLIError as e:
         p.print_usage(sys.stderr)
