@@ -1,10 +1,8 @@
 """Memory layout of the networks: channels_last (NHWC) or PyTorch's default (NCHW).
 
-Measured on this project's 2-core CPU (CIFAR sizes, forward + backward, see bench/README.md): every layer of the
-search space is faster in channels_last there (depthwise 5x5 0.4-0.5x the time, 1x1 convs 0.55-0.8x, BN 0.5-0.7x,
-3x3 pooling 0.15-0.35x), and a whole first-order search step 0.6x -- as long as the *whole* network stays in one
-layout: mixing layouts makes every elementwise op and ReLU backward a strided gather. On CUDA channels_last pays
-with bf16 (tensor cores), so `auto` turns it on there only with `--amp`.
+On CPUs every layer of the search space runs faster in channels_last (bench/README.md has the measurements) -- as
+long as the *whole* network stays in one layout: mixing layouts makes every elementwise op and ReLU backward a
+strided gather. On CUDA channels_last pays with bf16 (tensor cores), so `auto` turns it on there only with `--amp`.
 """
 from __future__ import annotations
 
@@ -52,8 +50,8 @@ def like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm that runs narrow channels_last inputs (under 8 channels, as partial channels make them) in NCHW:
-    NHWC batch norm vectorizes over channels and measured 5-7x slower forward + backward at 4 channels here (2.25 vs
-    0.42 ms at 32x4x32x32); with both layout copies NCHW takes 0.88 ms (bench/README.md). Same numbers either way."""
+    NHWC batch norm vectorizes over channels, which narrow tensors do not have: NCHW with both layout copies is
+    several times faster there (bench/README.md). Same numbers either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] < 8 and is_channels_last(x):

@@ -47,9 +47,8 @@ TRAIN_DEFAULTS: Dict[str, Dict[str, Any]] = {
               auxiliary=False, cutout=False, grad_clip=None, label_smoothing=0.0),
     "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=2, workers=0, threads=1),
 }
-# NB201's DARTS baselines (DARTS's optimizers, wd 5e-4 with Nesterov). Digits: 8 channels, 2 cells per stage, one
-# thread: a first-order epoch (12 steps of 64) took 2.6 s on the shared 2-core CPU at load 5 (2 threads there: 10x
-# slower), 10 epochs about 35 s with start-up.
+# NB201's DARTS baselines (DARTS's optimizers, wd 5e-4 with Nesterov). Digits: sized to search in well under a
+# minute on two CPU cores, with one thread (8x8 images gain nothing from more).
 SEARCH_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, nesterov=True,
               weight_decay=5e-4, epochs=50, init_channels=16, layers=5, grad_clip=5.0, arch_learning_rate=3e-4,

@@ -103,7 +103,7 @@ class Search(EpochRunner):
             utils.compile_cells(self.model)
         self.weights = self.model.weight_parameters()
         self.optimizer = torch.optim.SGD(self.weights, a.learning_rate, momentum=a.momentum,
-                                         weight_decay=a.weight_decay)
+                                         weight_decay=a.weight_decay, nesterov=a.nesterov)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, a.epochs,
                                                                     eta_min=a.learning_rate_min)
         self.architect = Architect(self.model, a.arch_learning_rate, a.arch_weight_decay, a.momentum,
