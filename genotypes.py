@@ -118,7 +118,7 @@ def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
 
 def to_dict(genotype: Genotype, primitives: Optional[Sequence[str]] = None,
             meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The `genotype.json` object of design.md."""
+    """The `genotype.json` object (README, "Outputs of a run")."""
     return {
         "format": GENOTYPE_FORMAT,
         "normal": [[op, idx] for op, idx in genotype.normal],

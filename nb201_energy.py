@@ -160,7 +160,7 @@ def draw_matplotlib(arch: nb201.ArchLike, energies: Sequence[float], title: str,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from visualize import arc, node_boxes, save_figure
+    from cell_diagrams import arc, node_boxes, save_figure
     fig, ax = plt.subplots(figsize=(11.0, 4.6))
     for (i, j), op, e in zip(nb201.EDGES, nb201.as_arch(arch), energies):
         arc(ax, _POS[str(j)], _POS[str(i)], _BEND[i - j], f"{op}\n{e:.4f} mJ",
@@ -177,7 +177,7 @@ def render(arch: nb201.ArchLike, out_dir: str, info: DataInfo, estimator, channe
            backend: str = "auto", name: str = "") -> List[str]:
     """Write cell.png and cell.pdf into `out_dir` (edges priced in the first cell of the network train.py builds,
     the title giving the whole network); returns the paths."""
-    from visualize import draw_graphviz, pick_backend
+    from cell_diagrams import draw_graphviz, pick_backend
     backend = pick_backend(backend)
     os.makedirs(out_dir, exist_ok=True)
     energies, total = edge_energies(arch, info, estimator, channels, layers)

@@ -94,8 +94,8 @@ class DartsSpace:
 
     def render(self, genotype, out_dir: str, info, channels: int, layers: int, estimator, backend: str = "auto",
                name: str = "") -> List[str]:
-        import visualize
-        return visualize.render(genotype, out_dir, info, channels, layers, estimator, backend, name)
+        import cell_diagrams
+        return cell_diagrams.render(genotype, out_dir, info, channels, layers, estimator, backend, name)
 
     def edge_labels(self) -> Optional[List[str]]:
         return None  # plots.py's default: DARTS's edges
@@ -233,14 +233,16 @@ def energy_network(space: str, genotype: Any, input_shape: Sequence[int], num_cl
     in_channels, size = shape[0], shape[1]
     if space == "darts":
         import genotypes as G
+        import options
         from model import build_network
         if isinstance(genotype, str):
             g, meta = G.named_genotype(genotype), {}
         else:
             g = G.from_dict(genotype, where="genotype")
             meta = genotype.get("meta") if isinstance(genotype.get("meta"), dict) else {}
-        C = channels or _int(meta.get("eval_channels"), 36)
-        L = layers or _int(meta.get("eval_layers"), 20)
+        table = options.defaults_for("train", "cifar10")  # DARTS's evaluation network
+        C = channels or _int(meta.get("eval_channels"), table["init_channels"])
+        L = layers or _int(meta.get("eval_layers"), table["layers"])
         return build_network(g, C, num_classes, L, False, in_channels, size).eval()
     if space == "nb201":
         import nb201

@@ -8,7 +8,7 @@ import pytest
 
 import genotypes as G
 import plots
-import visualize
+import cell_diagrams
 from conftest import run_script
 from datasets import known_info
 from dl_energy_estimator import EnergyEstimator
@@ -44,7 +44,7 @@ def test_figures_are_written_and_non_empty(tmp_path):
 def test_visualize_renders_darts_v2(tmp_path, backend):
     if backend == "graphviz" and not shutil.which("dot"):
         pytest.skip("graphviz's dot is not installed")
-    paths = visualize.render(G.DARTS_V2, str(tmp_path), known_info("digits"), 16, 8, EnergyEstimator.default(),
+    paths = cell_diagrams.render(G.DARTS_V2, str(tmp_path), known_info("digits"), 16, 8, EnergyEstimator.default(),
                              backend=backend, name="DARTS_V2")
     names = sorted(os.path.basename(p) for p in paths)
     assert names == ["normal.pdf", "normal.png", "reduce.pdf", "reduce.png"]
@@ -53,11 +53,11 @@ def test_visualize_renders_darts_v2(tmp_path, backend):
 
 
 def test_dot_labels_carry_op_energies():
-    energies, _ = visualize.op_energies(G.DARTS_V2, known_info("cifar10"), 36, 20, EnergyEstimator.default())
+    energies, _ = cell_diagrams.op_energies(G.DARTS_V2, known_info("cifar10"), 36, 20, EnergyEstimator.default())
     assert len(energies["normal"]) == 8 and all(e > 0 for e in energies["normal"])
     sep, skip = energies["normal"][0], energies["normal"][5]  # sep_conv_3x3 vs skip_connect
     assert sep > 5 * skip
-    dot = visualize.to_dot(G.DARTS_V2.normal, [2, 3, 4, 5], energies["normal"], "t")
+    dot = cell_diagrams.to_dot(G.DARTS_V2.normal, [2, 3, 4, 5], energies["normal"], "t")
     assert "sep_conv_3x3\\n" in dot and "mJ" in dot and '"c_{k-2}" -> "0"' in dot
 
 
