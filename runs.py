@@ -255,8 +255,8 @@ def save_checkpoint(path: str, kind: str, state: Dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str, kind: str) -> Dict[str, Any]:
-    """Load with weights_only=True; a missing, corrupt or foreign file is a CLIError. Checks the keys every
-    checkpoint needs up front (`epoch`, `args`); `field` checks the rest where they are used."""
+    """Load with weights_only=True; a missing, corrupt or foreign file is a CLIError. Checks `epoch` up front;
+    `field` checks the other keys where they are used."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
@@ -272,7 +272,6 @@ def load_checkpoint(path: str, kind: str) -> Dict[str, Any]:
     epoch = field(ckpt, "epoch", int)
     if epoch < 0:
         raise CLIError(f"--resume {path}: 'epoch' is {epoch}, not an epoch index")
-    field(ckpt, "args", dict)
     return ckpt
 
 
@@ -353,7 +352,7 @@ def restored_args(parser: argparse.ArgumentParser, args: argparse.Namespace, exp
     if not args.resume:
         return None, args
     ckpt = load_checkpoint(args.resume, script)
-    validate_saved_args(parser, ckpt["args"], f"--resume {ckpt['path']}")
+    validate_saved_args(parser, field(ckpt, "args", dict), f"--resume {ckpt['path']}")
     return ckpt, merge_resumed_args(ckpt["args"], args, explicit)
 
 
