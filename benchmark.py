@@ -9,12 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from cliargs import CLIError
 from genotypes import GenotypeError
+import jsonfile
 import nb201
 
 ARCH_COLUMN = "arch_str"
@@ -92,24 +92,10 @@ class BenchmarkTable:
 
 
 def _read_text(path: str, max_bytes: int) -> str:
-    where = f"benchmark table {path}"
     try:
-        size = os.path.getsize(path)
-        if size > max_bytes:
-            raise BenchmarkError(f"{where}: {size / 2 ** 20:.0f} MiB, more than the {max_bytes / 2 ** 20:.0f} MiB "
-                                 f"a table may have")
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise BenchmarkError(f"{where} does not exist") from None
-    except IsADirectoryError:
-        raise BenchmarkError(f"{where} is a folder, not a CSV file") from None
-    except OSError as e:
-        raise BenchmarkError(f"{where} cannot be read ({e.strerror})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BenchmarkError(f"{where} is not UTF-8 text (byte {e.start})") from None
+        return jsonfile.read_text(path, "benchmark table", max_bytes)
+    except jsonfile.JSONFileError as e:
+        raise BenchmarkError(str(e)) from None
 
 
 def _header(table: BenchmarkTable, header: List[str], arch_column: str) -> int:

@@ -63,14 +63,16 @@ def parse(text: str, what: str) -> Any:
 
 
 def read_text(path: str, what: str, max_bytes: int = MAX_BYTES) -> str:
-    """A UTF-8 text file of at most `max_bytes`; JSONFileError otherwise."""
+    """A UTF-8 text file (a byte-order mark, as spreadsheets write one, is dropped) of at most `max_bytes`;
+    JSONFileError otherwise."""
     try:
         if os.path.isdir(path):
             raise JSONFileError(f"{what} {path} is a folder, not a file")
         size = os.path.getsize(path)
         if size > max_bytes:
-            raise JSONFileError(f"{what} {path} is {size:,} bytes, more than the {max_bytes:,} this file can be")
-        with open(path, encoding="utf-8") as f:
+            raise JSONFileError(f"{what} {path} is {size / 2 ** 20:.1f} MiB, more than the "
+                                f"{max_bytes / 2 ** 20:.1f} MiB this file may have")
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except FileNotFoundError:
         raise JSONFileError(f"{what} {path} does not exist") from None
