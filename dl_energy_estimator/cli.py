@@ -24,6 +24,7 @@ from .estimator import EnergyEstimator
 from .fitting import spearman
 from .grid import build_grid, split
 from .measure import ALIASES, EnergyCounterUnavailable, measure
+from .runner import positive_number
 from .schema import EnergyModelError
 from .trace import EnergyMemoryError
 
@@ -32,16 +33,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one clear line, exit 2 (no usage dump, no traceback)
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s!r}")
-    return v
 
 
 def _positive_int(s: str) -> int:
@@ -60,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="measure a grid of layers on this machine and fit an energy model")
     c.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     c.add_argument("--out", default="energy_model.json", help="energy-model JSON to write")
-    c.add_argument("--watts", type=_positive_float, default=None,
+    c.add_argument("--watts", type=positive_number, default=None,
                    help="device power while busy (W); used as latency x watts when no energy counter is readable")
     c.add_argument("--source", choices=("auto", "zeus", "latency_x_watts") + tuple(ALIASES), default="auto",
                    help="auto: Zeus if it finds a counter, else latency x --watts (nvml, rapl: the same as zeus)")
@@ -68,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grid", choices=("small", "default"), default="small")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--heldout", type=float, default=0.25, help="fraction of the grid held out for validation")
-    c.add_argument("--window_s", type=_positive_float, default=None, help="measurement window per repeat (s)")
+    c.add_argument("--window_s", type=positive_number, default=None, help="measurement window per repeat (s)")
     c.add_argument("--threads", type=_positive_int, default=1, help="CPU threads while measuring (default 1)")
     c.add_argument("--no_progress", action="store_true")
     r = sub.add_parser("report", help="print an energy model's metadata and fit table")
@@ -93,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--table", default=None, help="CSV of whole networks measured elsewhere (one row each)")
     f.add_argument("--column", default=None, help="the table's column of measured values (per image)")
     f.add_argument("--unit", default="mJ", help="unit of --column: J, mJ, uJ, nJ; or s, ms, us with --watts")
-    f.add_argument("--watts", type=_positive_float, default=None, help="power while busy, for a latency --unit")
+    f.add_argument("--watts", type=positive_number, default=None, help="power while busy, for a latency --unit")
     f.add_argument("--arch_column", default=None,
                    help="the table's architecture column (default: arch_str for nb201, genotype for darts: a "
                         "genotype.json object or a named genotype)")

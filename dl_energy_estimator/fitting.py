@@ -199,16 +199,20 @@ def cross_validate(A: np.ndarray, y: np.ndarray, cands: Sequence[Candidate], fol
                 m, c, _ = solve(A[~test], y[~test], cand, bases)
                 P[i, r, test] = A[test] @ m + c
     rho = _rank_corr_rows(P, y).mean(1)
-    rel = np.median(np.abs(P - y) / y, axis=(1, 2))
+    R = np.abs(P - y) / y
+    rel = np.median(R, axis=(1, 2))
     rng = np.random.default_rng([seed, 7919])
-    diffs = np.empty((boots, len(cands)))
+    diffs, rdiffs = np.empty((boots, len(cands))), np.empty((boots, len(cands)))
     for b in range(boots):
         idx = rng.integers(0, n, n)
         rb = _rank_corr_rows(P[:, :, idx], y[idx]).mean(1)
         diffs[b] = rb - rb[0]
+        eb = np.median(R[:, :, idx], axis=(1, 2))
+        rdiffs[b] = eb[0] - eb
     return [{"name": c.name, "structure": c.structure, "intercept": c.intercept, "ridge": c.ridge,
              "cv_spearman": float(rho[i]), "cv_median_rel_error": float(rel[i]),
-             "gain": float(rho[i] - rho[0]), "gain_sd": float(diffs[:, i].std())}
+             "gain": float(rho[i] - rho[0]), "gain_sd": float(diffs[:, i].std()),
+             "rel_gain": float(rel[0] - rel[i]), "rel_gain_sd": float(rdiffs[:, i].std())}
             for i, c in enumerate(cands)]
 
 
@@ -216,10 +220,18 @@ def select(rows: list[dict], tie: float = TIE, z: float = 1.0) -> int:
     """Index of the winner (``rows`` ordered simplest first, the scaled prior at 0).
 
     A candidate qualifies when its Spearman gain over the scaled prior exceeds ``z`` standard deviations of the
-    paired bootstrap (a gain within the noise of a few dozen samples is the winner's curse, not a better model).
-    Among the qualified: best CV Spearman; within ``tie`` of it, lowest median relative error; then simplest.
-    None qualifies: the scaled prior."""
-    ok = [i for i, r in enumerate(rows) if i == 0 or (r["gain"] > 0 and r["gain"] > z * r["gain_sd"])]
+    paired bootstrap (a gain within the noise of a few dozen samples is the winner's curse, not a better model),
+    or when it ranks as well (within ``tie``) and its median relative error is lower by more than ``z`` standard
+    deviations (single layers, which every model ranks alike, are told apart by their errors). Among the
+    qualified: best CV Spearman; within ``tie`` of it, lowest median relative error; then simplest. None
+    qualifies: the scaled prior."""
+    def beats(r: dict) -> bool:
+        if r["gain"] > 0 and r["gain"] > z * r["gain_sd"]:
+            return True
+        return (r["gain"] >= -tie and r.get("rel_gain", 0) > 0
+                and r.get("rel_gain", 0) > z * r.get("rel_gain_sd", 0))
+
+    ok = [i for i, r in enumerate(rows) if i == 0 or beats(r)]
     best = max(rows[i]["cv_spearman"] for i in ok)
     tied = [i for i in ok if rows[i]["cv_spearman"] >= best - tie]
     return min(tied, key=lambda i: (round(rows[i]["cv_median_rel_error"], 4), i))

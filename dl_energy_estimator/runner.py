@@ -34,7 +34,8 @@ class RunnerError(Exception):
     """Bad input or an unusable counter: one line, exit status 2."""
 
 
-def _positive(s: str) -> float:
+def positive_number(s: str) -> float:
+    """argparse type: a finite number > 0 (the package's CLI uses it too)."""
     try:
         v = float(s)
     except ValueError:
@@ -170,14 +171,14 @@ def measure_item(fn, x, counter, idle_w: float, args, sync) -> dict:
             "iterations": iters, "windows_latency_s": lat, "windows_joules": joules}
 
 
-def write_json(path: str, doc: dict) -> None:
-    """Atomic: a temp file in the same folder, fsync, os.replace."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Atomic: a temp file in the same folder, fsync, os.replace (never a half-written file). The package's
+    schema.write_atomic uses it too: this file must stay standalone, the rest of the package may import it."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".measurements.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
                         "idle_w": idle_w, "window_s": args.window_s, "repeats": args.repeats},
            "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
            "items": out_items}
-    write_json(args.out, doc)
+    write_text_atomic(args.out, json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out} ({len(out_items)} items, {source})")
     return 0
 
@@ -264,15 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--device_name", default=None, help="name recorded for the device (default: from torch)")
     e = p.add_mutually_exclusive_group()
-    e.add_argument("--watts", type=_positive, default=None, help="power while busy (W): energy = latency x watts")
+    e.add_argument("--watts", type=positive_number, default=None, help="power while busy (W): energy = latency x watts")
     e.add_argument("--energy_file", default=None, help="cumulative energy counter file (e.g. RAPL energy_uj)")
     e.add_argument("--power_file", default=None, help="instantaneous power file (e.g. a Jetson rail)")
-    p.add_argument("--energy_scale", type=_positive, default=1e-6, help="joules per counter unit (default uJ)")
-    p.add_argument("--max_energy", type=_positive, default=None, help="counter value where it wraps to 0")
-    p.add_argument("--power_scale", type=_positive, default=1e-3, help="watts per power-file unit (default mW)")
-    p.add_argument("--sample_s", type=_positive, default=0.005, help="power-file sampling period (s)")
+    p.add_argument("--energy_scale", type=positive_number, default=1e-6, help="joules per counter unit (default uJ)")
+    p.add_argument("--max_energy", type=positive_number, default=None, help="counter value where it wraps to 0")
+    p.add_argument("--power_scale", type=positive_number, default=1e-3, help="watts per power-file unit (default mW)")
+    p.add_argument("--sample_s", type=positive_number, default=0.005, help="power-file sampling period (s)")
     p.add_argument("--idle_s", type=float, default=2.0, help="idle power measured this long first (0: none)")
-    p.add_argument("--window_s", type=_positive, default=0.5, help="each measurement window lasts at least this")
+    p.add_argument("--window_s", type=positive_number, default=0.5, help="each measurement window lasts at least this")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup_s", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable batch-1 latency)")

@@ -5,10 +5,10 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 from .defaults import FAMILIES, FEATURES, PARENTS
+from .runner import write_text_atomic
 
 FORMAT = 1
 #: where the energies came from: the analytical default; NVML / RAPL (files of version 1.0 of this package); Zeus;
@@ -25,7 +25,7 @@ NUM, INT, STR, ANY = "number", "integer", "string", "any"
 _ROW = {"family": STR, "n": INT, "measured_mj": NUM, "predicted_mj": NUM, "cv_median_rel_error": NUM}
 _ITEM = {"name": STR, "family": STR, "measured_mj": NUM, "predicted_mj": NUM}
 _CAND = {"name": STR, "structure": STR, "intercept": "boolean", "ridge": NUM, "cv_spearman": NUM,
-         "cv_median_rel_error": NUM, "gain": NUM, "gain_sd": NUM}
+         "cv_median_rel_error": NUM, "gain": NUM, "gain_sd": NUM, "rel_gain": NUM, "rel_gain_sd": NUM}
 META_SPEC = {"device": STR, "driver": STR, "torch": STR, "dtype": STR, "source": STR, "date": STR, "name": STR,
              "idle_w": NUM, "watts": NUM}
 FIT_SPEC = {"n_samples": INT, "global_scale": NUM, "ridge": NUM, "median_rel_error": NUM, "prior": STR,
@@ -197,16 +197,4 @@ def read(path: str | os.PathLike) -> dict:
 
 def write_atomic(path: str | os.PathLike, doc: dict) -> None:
     """Write JSON to a temp file in the same folder, fsync, then os.replace (never a half-written file)."""
-    text = json.dumps(doc, sort_keys=True, indent=2, allow_nan=False) + "\n"
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".energy_model.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(os.fspath(path), json.dumps(doc, sort_keys=True, indent=2, allow_nan=False) + "\n")
