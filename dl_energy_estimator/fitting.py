@@ -14,11 +14,12 @@ the complexity: seeded k-fold cross-validation *inside the samples* over
   and calls; ``full`` per family x feature),
 * with and without a constant per forward pass (``+c``: what every network pays whatever its layers -- input
   copy, synchronisation, a launch floor; it is reported in ``fit`` but cannot be part of a per-layer model),
-* a path of ridge strengths pulling each multiplier toward the global scale.
+* a path of ridge strengths pulling each multiplier toward the coarser fit.
 
-The winner has the best cross-validated Spearman rank correlation; candidates within ``tie`` of it count as tied
-and the lowest median relative error wins among them (then the simpler). The scaled prior is a candidate, so it is
-kept whenever nothing beats it. Everything is deterministic for a given seed.
+A candidate must first beat the scaled prior beyond the noise of a paired bootstrap of its out-of-fold
+predictions (see :func:`select`); among those, the best cross-validated Spearman rank correlation wins, candidates
+within ``tie`` of it count as tied and the lowest median relative error wins among them (then the simpler). When
+none beats it, the scaled prior is kept. Everything is deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 TIE = 0.005       # cross-validated Spearman differences below this are noise at tens of samples
 MIN_CV = 8        # fewer samples than this: no cross-validation, the scaled prior
 Z = 1.5           # a candidate must beat the scaled prior by this many bootstrap standard deviations
+Z_REL = 3.0       # ... or rank as well and beat its median relative error by this many (stricter: a lower error
+                  # at an equal rank is no evidence for ranking, it must be unmistakable)
 BOOTS = 200       # paired bootstrap resamples of the out-of-fold predictions
 
 
@@ -221,15 +224,15 @@ def select(rows: list[dict], tie: float = TIE, z: float = 1.0) -> int:
 
     A candidate qualifies when its Spearman gain over the scaled prior exceeds ``z`` standard deviations of the
     paired bootstrap (a gain within the noise of a few dozen samples is the winner's curse, not a better model),
-    or when it ranks as well (within ``tie``) and its median relative error is lower by more than ``z`` standard
-    deviations (single layers, which every model ranks alike, are told apart by their errors). Among the
+    or when it ranks as well (within ``tie``) and its median relative error is lower by more than ``Z_REL``
+    standard deviations (single layers, which every model ranks alike, are told apart by their errors). Among the
     qualified: best CV Spearman; within ``tie`` of it, lowest median relative error; then simplest. None
     qualifies: the scaled prior."""
     def beats(r: dict) -> bool:
         if r["gain"] > 0 and r["gain"] > z * r["gain_sd"]:
             return True
         return (r["gain"] >= -tie and r.get("rel_gain", 0) > 0
-                and r.get("rel_gain", 0) > z * r.get("rel_gain_sd", 0))
+                and r.get("rel_gain", 0) > Z_REL * r.get("rel_gain_sd", 0))
 
     ok = [i for i, r in enumerate(rows) if i == 0 or beats(r)]
     best = max(rows[i]["cv_spearman"] for i in ok)
