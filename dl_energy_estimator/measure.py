@@ -17,13 +17,13 @@ import copy
 import importlib
 import math
 import platform
-import statistics
 import time
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .runner import measure_item
 from .trace import EnergyMemoryError, check_fits, is_oom
 
 #: accepted for ``source`` by version 1.0 of this package (its own NVML and RAPL readers): Zeus reads both now
@@ -242,25 +242,7 @@ def _run(samples, device, batch_size, counter, watts, idle_w, window_s, warmup_s
             shape = (int(batch_size),) + tuple(int(s) for s in shape[1:])
             m = copy.deepcopy(module).to(device).eval()
             x = torch.randn(shape, generator=gen).to(device)
-            n, t_start = 0, time.perf_counter()  # warm-up, and a first latency estimate
-            while n < 3 or time.perf_counter() - t_start < warmup_s:
-                m(x)
-                sync()
-                n += 1
-            per = (time.perf_counter() - t_start) / n
-            iters = max(1, math.ceil(window_s / max(per, 1e-7)))
-            runs = []
-            for _ in range(repeats):
-                sync()
-                if counter:
-                    counter.begin()
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    m(x)
-                sync()
-                dt = time.perf_counter() - t0
-                joules = counter.end() - idle_w * dt if counter else watts * dt
-                runs.append(joules / iters)
-            values.append(max(statistics.median(runs), 1e-12) / shape[0])
+            r = measure_item(m, x, counter, idle_w, watts, window_s, repeats, warmup_s, sync)
+            values.append(r["joules"])
             del m, x
     return values

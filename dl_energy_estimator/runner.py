@@ -144,18 +144,22 @@ def load_program(path: str, kind: str):
     return torch.jit.load(path, map_location="cpu").eval()
 
 
-def measure_item(fn, x, counter, idle_w: float, args, sync) -> dict:
+def measure_item(fn, x, counter, idle_w: float, watts: float | None, window_s: float, repeats: int,
+                 warmup_s: float, sync) -> dict:
+    """Median latency (s per forward) and energy (J per sample) of ``fn(x)``: a warm-up of at least 3 calls and
+    ``warmup_s``, then ``repeats`` windows of at least ``window_s``; energy from ``counter`` (begin/end, joules,
+    less ``idle_w`` x time) or latency x ``watts``. ``measure.measure`` uses it too."""
     import torch
     with torch.no_grad():
         n, t0 = 0, time.perf_counter()
-        while n < 3 or time.perf_counter() - t0 < args.warmup_s:
+        while n < 3 or time.perf_counter() - t0 < warmup_s:
             fn(x)
             sync()
             n += 1
         per = (time.perf_counter() - t0) / n
-        iters = max(1, math.ceil(args.window_s / max(per, 1e-7)))
+        iters = max(1, math.ceil(window_s / max(per, 1e-7)))
         lat, joules = [], []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             sync()
             if counter:
                 counter.begin()
@@ -164,7 +168,7 @@ def measure_item(fn, x, counter, idle_w: float, args, sync) -> dict:
                 fn(x)
             sync()
             dt = time.perf_counter() - t
-            e = counter.end() - idle_w * dt if counter else args.watts * dt
+            e = counter.end() - idle_w * dt if counter else watts * dt
             lat.append(dt / iters)
             joules.append(e / iters / x.shape[0])
     return {"latency_s": statistics.median(lat), "joules": max(statistics.median(joules), 1e-15),
@@ -238,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         if args.device == "cuda":
             fn = fn.to("cuda")
         x = torch.randn([int(v) for v in it["input_shape"]]).to(args.device)
-        r = measure_item(fn, x, counter, idle_w, args, sync)
+        r = measure_item(fn, x, counter, idle_w, args.watts, args.window_s, args.repeats, args.warmup_s, sync)
         out_items.append({**{k: it[k] for k in ("name", "kind", "family", "input_shape", "features") if k in it}, **r})
         print(f"[{i + 1}/{len(items)}] {it.get('name')}: {1e3 * r['latency_s']:.3f} ms, "
               f"{1e3 * r['joules']:.4f} mJ per sample", flush=True)
