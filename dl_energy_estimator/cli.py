@@ -198,8 +198,8 @@ def format_report(est: EnergyEstimator) -> str:
     if cands:
         lines.append(f"model chosen by {fit.get('cv_folds')}-fold cross-validation (x{fit.get('cv_repeats')}, seed "
                      f"{fit.get('seed')}) on {fit.get('n_samples')} samples: {fit.get('chosen')}  (* chosen; gain: "
-                     f"CV Spearman over the scaled prior, in bootstrap standard deviations)")
-        lines.append(f"  {'candidate':<24} {'cv_spearman':>11} {'cv_med_rel_err':>14} {'gain':>7} {'sd':>6}")
+                     f"CV Spearman over the scaled prior; z: gain / its bootstrap standard deviation)")
+        lines.append(f"  {'candidate':<24} {'cv_spearman':>11} {'cv_med_rel_err':>14} {'gain':>7} {'z':>6}")
         for r in sorted(cands, key=lambda r: -(r.get("cv_spearman") or -2.0)):
             gain, sd = r.get("gain"), r.get("gain_sd")
             z = "n/a" if gain is None or not sd else f"{gain / sd:+.1f}"
