@@ -53,8 +53,13 @@ E_CALL = 1.5e-6
 #: Layer-type families (the columns of the model). Keep in sync with features.py.
 FAMILIES: tuple[str, ...] = (
     "conv", "conv_pw", "conv_dw", "bn", "relu", "pool", "linear",
-    "elementwise", "concat", "identity", "view", "other",
+    "elementwise", "concat", "identity", "view", "other", "pool_max", "conv_dw_dilated",
 )
+#: Families split off a coarser one (version 1.1): max pooling and dilated depthwise convolutions run other
+#: kernels than average pooling and plain depthwise ones, at costs the features cannot tell apart (on a CPU,
+#: max pooling cost twice what average pooling did per element). Their default coefficients are the parent's,
+#: so the analytical model prices them as before; a file without them (1.0) gives them its parent's.
+PARENTS: dict[str, str] = {"pool_max": "pool", "conv_dw_dilated": "conv_dw"}
 #: Feature names, in the order of every coefficient triple.
 FEATURES: tuple[str, ...] = ("e_mac", "e_mem", "e_call")
 
@@ -77,4 +82,6 @@ def analytical_coefficients() -> dict[str, dict[str, float]]:
         "identity": c(0.0, E_BYTE, 0.0),
         "view": c(0.0, 0.0, 0.0),
         "other": c(0.0),
+        "pool_max": c(E_FP32_ADD + 2 * E_SRAM_32B),
+        "conv_dw_dilated": c(E_MAC + E_SRAM_32B),
     }

@@ -15,12 +15,13 @@ from torch import nn
 from . import schema
 from .defaults import FAMILIES, FEATURES, analytical_coefficients
 from .features import FeaturesFn, LayerFeatures
-from .fitting import COLUMNS, design_row, fit_multipliers
+from .fitting import COLUMNS, design_row, fit_cv, fit_fixed
 from .schema import EnergyModelError
 from .trace import check_shape, trace
 
 ANALYTICAL_NAME = "analytical-horowitz45nm-v1"
-MAC_FAMILIES = ("conv", "conv_pw", "conv_dw", "linear")
+MAC_FAMILIES = ("conv", "conv_pw", "conv_dw", "conv_dw_dilated", "linear")
+NETWORK_LAYERS = 10  # a sample running at least this many kernels is a network: a constant per pass may be fitted
 
 
 def _clean(obj: Any) -> Any:
@@ -168,34 +169,45 @@ class EnergyEstimator:
         return dict(out)
 
     # ------------------------------------------------------------------ calibration
-    def fit(self, samples: Iterable[tuple[nn.Module, Sequence[int], float]], ridge: float = 1e-3,
-            meta: dict | None = None) -> "EnergyEstimator":
+    def fit(self, samples: Iterable[tuple[nn.Module, Sequence[int], float]], ridge: float | None = None,
+            meta: dict | None = None, seed: int = 0, constant: bool | None = None) -> "EnergyEstimator":
         """A new estimator fitted to ``(module, input_shape, joules_per_sample)`` samples (ops and/or whole
-        networks). This estimator's coefficients are the prior; see ``fitting.py``."""
+        networks). This estimator's coefficients are the prior; the model's complexity is chosen by seeded
+        cross-validation (``ridge`` given: the per family x feature model at that ridge instead); see ``fitting.py``.
+
+        ``constant``: whether a constant per forward pass (not part of the per-layer model; reported in
+        ``fit_stats["intercept_mj"]``) may be fitted; None: only when every sample runs at least
+        ``NETWORK_LAYERS`` layers (whole networks, not single ops)."""
         feats, y = [], []
         for module, shape, joules in samples:
             feats.append(self.family_features(module, shape))
             y.append(float(joules))
-        return self.fit_features(feats, y, ridge=ridge, meta=meta)
+        return self.fit_features(feats, y, ridge=ridge, meta=meta, seed=seed, constant=constant)
 
-    def fit_features(self, feats: list[dict[str, np.ndarray]], y: Sequence[float], ridge: float = 1e-3,
-                     meta: dict | None = None) -> "EnergyEstimator":
-        """Like :meth:`fit`, from precomputed :meth:`family_features`."""
+    def design(self, feats: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        """Design matrix of the fit: the prior's joules per (family, feature) column, one row per sample."""
+        return np.array([design_row(f, self.coefficients) for f in feats]).reshape(len(feats), len(COLUMNS))
+
+    def fit_features(self, feats: Sequence[dict[str, np.ndarray]], y: Sequence[float], ridge: float | None = None,
+                     meta: dict | None = None, seed: int = 0, constant: bool | None = None) -> "EnergyEstimator":
+        """Like :meth:`fit`, from precomputed per-sample :meth:`family_features` (at this model's batch size)."""
         y_arr = np.asarray(y, dtype=float)
-        A = np.array([design_row(f, self.coefficients) for f in feats]).reshape(len(feats), len(COLUMNS))
-        m, g = fit_multipliers(A, y_arr, ridge)
+        A = self.design(feats)
+        if constant is None:
+            layers = [sum(float(v[2]) for v in f.values()) * self.batch_size for f in feats]
+            constant = bool(layers) and min(layers) >= NETWORK_LAYERS
+        m, _, stats = (fit_cv(A, y_arr, seed=seed, constant=constant) if ridge is None
+                       else fit_fixed(A, y_arr, ridge))
         coef = {fam: dict(c) for fam, c in self.coefficients.items()}
         for j, (fam, k) in enumerate(COLUMNS):
             coef[fam][FEATURES[k]] = float(self.coefficients[fam][FEATURES[k]] * m[j])
-        pred = A @ m
-        rel = np.abs(pred - y_arr) / y_arr
         new_meta = dict(self.meta)
         new_meta.update({"name": f"fitted-{self.meta['source']}", "date": _dt.date.today().isoformat()})
         new_meta.update(meta or {})
-        stats = {"n_samples": len(y_arr), "global_scale": g, "ridge": ridge, "prior": self.name,
-                 "median_rel_error": float(np.median(rel)),
-                 "multipliers": {fam: [float(m[j]) for j, (f2, _) in enumerate(COLUMNS) if f2 == fam]
-                                 for fam in FAMILIES}}
+        stats.update({"n_samples": len(y_arr), "prior": self.name,
+                      "intercept_mj": 1e3 * stats.pop("intercept_j"),
+                      "multipliers": {fam: [float(m[j]) for j, (f2, _) in enumerate(COLUMNS) if f2 == fam]
+                                      for fam in FAMILIES}})
         return EnergyEstimator(coef, new_meta, stats)
 
     def predict_features(self, feats: dict[str, np.ndarray]) -> float:

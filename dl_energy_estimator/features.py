@@ -80,9 +80,9 @@ def _prod(v: Any) -> int:
     return math.prod(v) if isinstance(v, (tuple, list)) else int(v)
 
 
-def conv_family(groups: int, kernel_numel: int) -> str:
+def conv_family(groups: int, kernel_numel: int, dilation: Any = 1) -> str:
     if groups > 1:
-        return "conv_dw"
+        return "conv_dw_dilated" if _prod(dilation) > 1 else "conv_dw"
     return "conv_pw" if kernel_numel == 1 else "conv"
 
 
@@ -95,7 +95,7 @@ def conv_features(m: nn.Module, inputs: tuple, output: Any) -> LayerFeatures:
         macs = y.numel() * (m.in_channels // m.groups) * k
     if m.bias is not None:
         macs += y.numel()
-    return LayerFeatures(conv_family(m.groups, k), macs, io + state_bytes(m))
+    return LayerFeatures(conv_family(m.groups, k, m.dilation), macs, io + state_bytes(m))
 
 
 def norm_features(m: nn.Module, inputs: tuple, output: Any) -> LayerFeatures:
@@ -118,7 +118,7 @@ def pool_features(m: nn.Module, inputs: tuple, output: Any) -> LayerFeatures:
         macs = y.numel() * kn
     else:  # adaptive pooling: every input element enters (at least) one window
         macs = max(x.numel(), y.numel())
-    return LayerFeatures("pool", macs, io)
+    return LayerFeatures("pool_max" if "Max" in type(m).__name__ else "pool", macs, io)
 
 
 def linear_features(m: nn.Module, inputs: tuple, output: Any) -> LayerFeatures:
@@ -221,12 +221,13 @@ def functional_features(name: str, args: tuple, kwargs: dict, out: Any) -> Layer
             macs = max(x.numel(), y.numel())
         else:
             macs = y.numel() * (_prod(k) if isinstance(k, (tuple, list)) else int(k) ** max(1, x.dim() - 2))
-        return LayerFeatures("pool", macs, io, op=name)
+        return LayerFeatures("pool_max" if "max" in name else "pool", macs, io, op=name)
     if name in _CONV_FUNCS:
         w = _arg(args, kwargs, 1, "weight")
         groups = int(_arg(args, kwargs, 6, "groups", 1))
         k = math.prod(w.shape[2:])
-        return LayerFeatures(conv_family(groups, k), y.numel() * w.shape[1] * k, io, op=name)
+        dilation = _arg(args, kwargs, 5, "dilation", 1)
+        return LayerFeatures(conv_family(groups, k, dilation), y.numel() * w.shape[1] * k, io, op=name)
     if name == "linear":
         w = _arg(args, kwargs, 1, "weight")
         return LayerFeatures("linear", y.numel() * w.shape[-1], io, op=name)

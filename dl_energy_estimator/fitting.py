@@ -1,25 +1,76 @@
-"""Non-negative least-squares fit of per-family coefficients (relative errors, shrunk toward a global scale).
+"""Fitting the coefficients to measurements: nested models chosen by cross-validated rank correlation.
 
-Unknowns are *multipliers* ``m`` of the prior (default) coefficients, one per (family, feature):
-``coef = prior * m``. Column ``j`` of the design matrix is the prior's energy contribution of that feature, so
-all columns are in joules (well conditioned); each row is divided by its measured target, so the fit minimises
-relative errors. Two stages:
+Unknowns are non-negative *multipliers* of the prior (default) coefficients, one per (family, feature) column:
+``coef = prior * m``. Column ``j`` of the design matrix ``A`` is the prior's energy contribution of that feature
+(joules), and each row is divided by its measured target, so every fit minimises relative errors.
 
-1. a global scale ``g`` (closed form, least squares of ``g * prior_prediction / measured - 1``);
-2. ``scipy.optimize.nnls`` for ``m / g`` with small ridge rows pulling each multiplier toward 1. The ridge makes
-   collinear columns (e.g. ReLU's MACs and bytes are proportional) well-posed, and families with no data simply
-   keep their prior coefficient scaled by ``g``.
+Whole networks of one search space mix the same layers in similar proportions, so their columns are nearly
+collinear and ~30 free multipliers fit the noise of 60 measurements. :func:`fit_cv` therefore lets the data choose
+the complexity: seeded k-fold cross-validation *inside the samples* over
+
+* nested structures, each a partition of the columns into groups that share one multiplier
+  (``global`` one scale; ``feature`` compute / memory / calls; ``family`` one scale per layer family; ``calls``
+  one multiplier per family's calls, compute and memory sharing one; ``family_calls`` per family compute+memory
+  and calls; ``full`` per family x feature),
+* with and without a constant per forward pass (``+c``: what every network pays whatever its layers -- input
+  copy, synchronisation, a launch floor; it is reported in ``fit`` but cannot be part of a per-layer model),
+* a path of ridge strengths pulling each multiplier toward the coarser fit.
+
+A candidate must first beat the scaled prior beyond the noise of a paired bootstrap of its out-of-fold
+predictions (see :func:`select`); among those, the best cross-validated Spearman rank correlation wins, candidates
+within ``tie`` of it count as tied and the lowest median relative error wins among them (then the simpler). When
+none beats it, the scaled prior is kept. Everything is deterministic for a given seed.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from scipy.optimize import nnls
+from scipy.stats import rankdata
 
 from .defaults import FAMILIES, FEATURES
 
 COLUMNS = [(fam, k) for fam in FAMILIES for k in range(len(FEATURES))]
+STRUCTURES = ("global", "feature", "family", "calls", "family_calls", "full")
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+TIE = 0.005       # cross-validated Spearman differences below this are noise at tens of samples
+MIN_CV = 8        # fewer samples than this: no cross-validation, the scaled prior
+Z = 1.5           # a candidate must beat the scaled prior by this many bootstrap standard deviations
+Z_REL = 3.0       # ... or rank as well and beat its median relative error by this many (stricter: a lower error
+                  # at an equal rank is no evidence for ranking, it must be unmistakable)
+BOOTS = 200       # paired bootstrap resamples of the out-of-fold predictions
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model of the search: a column structure, an optional constant per forward pass, a ridge strength."""
+    structure: str
+    intercept: bool = False
+    ridge: float = 0.0
+    toward: str = "feature"   # what the ridge pulls the finer structures toward: the feature fit, or "global"
+
+    @property
+    def name(self) -> str:
+        s = self.structure + ("+c" if self.intercept else "")
+        return s if self.structure == "global" else f"{s}@{self.ridge:g}"
+
+    @property
+    def complexity(self) -> tuple[int, int, float]:
+        """Sort key, simplest first (a larger ridge is simpler)."""
+        return STRUCTURES.index(self.structure), int(self.intercept), -self.ridge
+
+
+def candidates(ridges: Sequence[float] = RIDGES, structures: Sequence[str] = STRUCTURES,
+               constant: bool = True) -> list[Candidate]:
+    """Every (structure, constant, ridge) combination, simplest first (``constant``: also those with one)."""
+    out = []
+    for s in structures:
+        for c in ((False, True) if constant else (False,)):
+            out += [Candidate(s, c, 0.0)] if s == "global" else [Candidate(s, c, float(r)) for r in ridges]
+    return sorted(out, key=lambda c: c.complexity)
 
 
 def design_row(per_family: dict[str, np.ndarray], prior: dict[str, dict[str, float]]) -> np.ndarray:
@@ -31,24 +82,203 @@ def design_row(per_family: dict[str, np.ndarray], prior: dict[str, dict[str, flo
     return row
 
 
-def fit_multipliers(A: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, float]:
-    """Multipliers (len(COLUMNS)) and the global scale, from design matrix A (n x cols) and targets y (J)."""
-    y = np.asarray(y, dtype=float)
+def groups(structure: str, active: Sequence[int]) -> list[list[int]]:
+    """Partition of the active column indices into groups sharing one multiplier."""
+    def key(j: int):
+        fam, k = COLUMNS[j]
+        call = k == FEATURES.index("e_call")
+        return {"global": 0, "feature": k, "family": fam, "calls": fam if call else "",
+                "family_calls": (fam, call), "full": j}[structure]
+
+    out: dict = {}
+    for j in active:
+        out.setdefault(key(j), []).append(j)
+    return list(out.values())
+
+
+def check_targets(A: np.ndarray, y: np.ndarray) -> None:
     if A.shape[0] == 0:
         raise ValueError("fit needs at least one sample")
     if np.any(~np.isfinite(y)) or np.any(y <= 0):
         raise ValueError("measured energies must be finite and > 0")
-    Aw = A / y[:, None]
-    p = Aw.sum(1)
-    if not np.any(p > 0):
+    if not np.any(A.sum(1) > 0):
         raise ValueError("the samples have no features to fit (every traced layer is free)")
-    g = float(p.sum() / (p * p).sum())
-    active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
-    Ag = Aw[:, active] * g
-    lam = math.sqrt(ridge)
-    M = np.vstack([Ag, lam * np.eye(len(active))])
-    b = np.concatenate([np.ones(len(y)), lam * np.ones(len(active))])
+
+
+def global_scale(A: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares g of ``g * prior / measured - 1`` (relative errors)."""
+    p = A.sum(1) / y
+    pp = float((p * p).sum())
+    return float(p.sum() / pp) if pp > 0 else 1.0
+
+
+def _nnls(Aw: np.ndarray, y: np.ndarray, grp: list[list[int]], base: np.ndarray, ridge: float,
+          intercept: bool) -> tuple[np.ndarray, float]:
+    """Group multipliers ``v >= 0`` of ``base`` (ridge pulls each toward 1) and the constant (J per sample)."""
+    Z = np.stack([Aw[:, cols] @ base[cols] for cols in grp], 1)
+    n, K = Z.shape
+    ybar = float(np.median(y))
+    # the constant, in units of the median target, may take either sign: two non-negative columns
+    extra = np.stack([ybar / y, -ybar / y], 1) if intercept else np.zeros((n, 0))
+    if K == 1 and not intercept:  # closed form (the scaled prior needs no solver)
+        z = Z[:, 0]
+        return np.array([(z.sum() + ridge * n) / ((z * z).sum() + ridge * n)]), 0.0
+    lam = math.sqrt(ridge * n)
+    M = np.vstack([np.hstack([Z, extra]), np.hstack([lam * np.eye(K), np.zeros((K, extra.shape[1]))])])
+    b = np.concatenate([np.ones(n), lam * np.ones(K)])
     sol, _ = nnls(M, b, maxiter=50 * M.shape[1])
-    m = np.full(len(COLUMNS), g)
-    m[active] = sol * g
-    return m, g
+    return sol[:K], float((sol[K] - sol[K + 1]) * ybar) if intercept else 0.0
+
+
+def solve(A: np.ndarray, y: np.ndarray, cand: Candidate, _bases: dict | None = None
+          ) -> tuple[np.ndarray, float, float]:
+    """Fit one candidate: (multipliers over all COLUMNS, constant in J per sample, global scale).
+
+    ``global`` and ``feature`` scale the prior (ridge toward the global scale); the finer structures scale the
+    ``feature`` fit of the same ridge and constant (ridge toward it), so a device that differs from the prior
+    mainly per feature (cheaper compute, dearer launches) needs no per-family deviation to be learned.
+    ``_bases``: a cache of those feature fits shared by the candidates of one training set."""
+    g = global_scale(A, y)
+    Aw = A / y[:, None]
+    active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
+    base = np.full(len(COLUMNS), g)
+    if cand.structure not in ("global", "feature") and cand.toward == "feature":
+        key = (cand.ridge, cand.intercept)
+        if _bases is not None and key in _bases:
+            base = _bases[key].copy()
+        else:
+            fgrp = groups("feature", active)
+            v, _ = _nnls(Aw, y, fgrp, base, cand.ridge, cand.intercept)
+            for vi, cols in zip(v, fgrp):
+                base[cols] = g * max(vi, 0.01)  # a feature the coarse fit zeroed may still matter in one family
+            if _bases is not None:
+                _bases[key] = base.copy()
+    grp = groups(cand.structure, active)
+    v, c = _nnls(Aw, y, grp, base, cand.ridge, cand.intercept)
+    m = base.copy()
+    for vi, cols in zip(v, grp):
+        m[cols] = base[cols] * vi
+    return m, c, g
+
+
+def fold_ids(n: int, folds: int, seed: int, repeat: int) -> np.ndarray:
+    """Fold of each sample for one repeat of k-fold (seeded permutation)."""
+    order = np.random.default_rng([seed, repeat]).permutation(n)
+    ids = np.empty(n, dtype=int)
+    ids[order] = np.arange(n) % folds
+    return ids
+
+
+def _rank_corr_rows(P: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman of each row of P against y (0 for a constant row)."""
+    rp, ry = rankdata(P, axis=-1), rankdata(y)
+    rp = rp - rp.mean(-1, keepdims=True)
+    ry = ry - ry.mean()
+    den = np.sqrt((rp * rp).sum(-1) * (ry * ry).sum())
+    return np.where(den > 0, (rp * ry).sum(-1) / np.where(den > 0, den, 1), 0.0)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation; None when fewer than 3 values or either side is constant."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(_rank_corr_rows(a, b))
+
+
+def cross_validate(A: np.ndarray, y: np.ndarray, cands: Sequence[Candidate], folds: int = 5, repeats: int = 2,
+                   seed: int = 0, boots: int = BOOTS) -> list[dict]:
+    """Out-of-fold Spearman (mean over repeats), median relative error, and the paired bootstrap difference of
+    Spearman to the scaled prior (``cands[0]``): mean and standard deviation over resamples of the samples."""
+    n = len(y)
+    folds = max(2, min(folds, n))
+    splits = [fold_ids(n, folds, seed, r) for r in range(repeats)]
+    P = np.empty((len(cands), repeats, n))
+    for r, ids in enumerate(splits):
+        for f in range(folds):
+            test = ids == f
+            bases: dict = {}
+            for i, cand in enumerate(cands):
+                m, c, _ = solve(A[~test], y[~test], cand, bases)
+                P[i, r, test] = A[test] @ m + c
+    rho = _rank_corr_rows(P, y).mean(1)
+    R = np.abs(P - y) / y
+    rel = np.median(R, axis=(1, 2))
+    rng = np.random.default_rng([seed, 7919])
+    diffs, rdiffs = np.empty((boots, len(cands))), np.empty((boots, len(cands)))
+    for b in range(boots):
+        idx = rng.integers(0, n, n)
+        rb = _rank_corr_rows(P[:, :, idx], y[idx]).mean(1)
+        diffs[b] = rb - rb[0]
+        eb = np.median(R[:, :, idx], axis=(1, 2))
+        rdiffs[b] = eb[0] - eb
+    return [{"name": c.name, "structure": c.structure, "intercept": c.intercept, "ridge": c.ridge,
+             "cv_spearman": float(rho[i]), "cv_median_rel_error": float(rel[i]),
+             "gain": float(rho[i] - rho[0]), "gain_sd": float(diffs[:, i].std()),
+             "rel_gain": float(rel[0] - rel[i]), "rel_gain_sd": float(rdiffs[:, i].std())}
+            for i, c in enumerate(cands)]
+
+
+def select(rows: list[dict], tie: float = TIE, z: float = 1.0) -> int:
+    """Index of the winner (``rows`` ordered simplest first, the scaled prior at 0).
+
+    A candidate qualifies when its Spearman gain over the scaled prior exceeds ``z`` standard deviations of the
+    paired bootstrap (a gain within the noise of a few dozen samples is the winner's curse, not a better model),
+    or when it ranks as well (within ``tie``) and its median relative error is lower by more than ``Z_REL``
+    standard deviations (single layers, which every model ranks alike, are told apart by their errors). Among the
+    qualified: best CV Spearman; within ``tie`` of it, lowest median relative error; then simplest. None
+    qualifies: the scaled prior."""
+    def beats(r: dict) -> bool:
+        if r["gain"] > 0 and r["gain"] > z * r["gain_sd"]:
+            return True
+        return (r["gain"] >= -tie and r.get("rel_gain", 0) > 0
+                and r.get("rel_gain", 0) > Z_REL * r.get("rel_gain_sd", 0))
+
+    ok = [i for i, r in enumerate(rows) if i == 0 or beats(r)]
+    best = max(rows[i]["cv_spearman"] for i in ok)
+    tied = [i for i in ok if rows[i]["cv_spearman"] >= best - tie]
+    return min(tied, key=lambda i: (round(rows[i]["cv_median_rel_error"], 4), i))
+
+
+def fit_cv(A: np.ndarray, y: np.ndarray, seed: int = 0, constant: bool = True, folds: int = 5, repeats: int = 2,
+           ridges: Sequence[float] = RIDGES, tie: float | None = None, z: float | None = None
+           ) -> tuple[np.ndarray, float, dict]:
+    """Choose a candidate by cross-validation and fit it on all samples.
+
+    ``constant``: also try a constant per forward pass. Only for whole networks: on single layers it would take
+    the per-call energy that the per-layer model must keep. Returns (multipliers over COLUMNS, constant per
+    forward pass in J per sample, statistics for ``fit``)."""
+    y = np.asarray(y, dtype=float)
+    check_targets(A, y)
+    tie, z = TIE if tie is None else tie, Z if z is None else z
+    cands = candidates(ridges, constant=constant)
+    if len(y) < MIN_CV:
+        rows, k = [], 0
+    else:
+        rows = cross_validate(A, y, cands, folds, repeats, seed)
+        k = select(rows, tie, z)
+    chosen = cands[k]
+    m, c, g = solve(A, y, chosen)
+    pred = A @ m + c
+    stats = {"method": "cross-validated" if rows else "scaled prior (fewer than %d samples)" % MIN_CV,
+             "chosen": chosen.name, "structure": chosen.structure, "ridge": chosen.ridge,
+             "intercept_j": c, "global_scale": g, "seed": seed, "cv_folds": min(folds, len(y)) if rows else 0,
+             "cv_repeats": repeats if rows else 0, "tie": tie, "z": z,
+             "median_rel_error": float(np.median(np.abs(pred - y) / y)), "candidates": rows}
+    if rows:
+        stats["cv_spearman"] = rows[k]["cv_spearman"]
+        stats["cv_median_rel_error"] = rows[k]["cv_median_rel_error"]
+    return m, c, stats
+
+
+def fit_fixed(A: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, float, dict]:
+    """The per family x feature model at one given ridge, without cross-validation (the pre-CV behaviour)."""
+    y = np.asarray(y, dtype=float)
+    check_targets(A, y)
+    # 1.0's ridge was not scaled by the number of samples; the candidates' is (strengths comparable across n)
+    cand = Candidate("full", False, float(ridge) / len(y), toward="global")
+    m, c, g = solve(A, y, cand)
+    pred = A @ m
+    return m, c, {"method": "fixed ridge", "chosen": cand.name, "structure": "full", "ridge": float(ridge),
+                  "intercept_j": 0.0, "global_scale": g,
+                  "median_rel_error": float(np.median(np.abs(pred - y) / y)), "candidates": []}

@@ -42,7 +42,8 @@ def _items(grid: str):
     dws = ((3, 1), (5, 1), (3, 2), (5, 2))
     for (k, d), c, r in itertools.product(dws, (16, 64) if small else (16, 64, 128, 256), (16, 32) if small else res):
         p = d * (k - 1) // 2
-        yield f"dw{k}x{k}_d{d}_c{c}_r{r}", "conv_dw", nn.Conv2d(c, c, k, 1, p, d, groups=c, bias=False), (c, r, r)
+        yield (f"dw{k}x{k}_d{d}_c{c}_r{r}", "conv_dw" if d == 1 else "conv_dw_dilated",
+               nn.Conv2d(c, c, k, 1, p, d, groups=c, bias=False), (c, r, r))
     for k, c in itertools.product((3, 5), (16, 64) if small else (32, 128)):
         yield f"dw{k}x{k}_s2_c{c}_r32", "conv_dw", nn.Conv2d(c, c, k, 2, k // 2, groups=c, bias=False), (c, 32, 32)
     for c, r in itertools.product((8, 32, 128) if small else chans, (8, 16, 32) if small else res):
@@ -51,7 +52,7 @@ def _items(grid: str):
     for kind, c, r, s in itertools.product(("max", "avg"), (16, 64) if small else (16, 64, 256), (16, 32) if small
                                            else res, (1, 2)):
         pool = nn.MaxPool2d(3, s, 1) if kind == "max" else nn.AvgPool2d(3, s, 1, count_include_pad=False)
-        yield f"{kind}pool3x3_c{c}_r{r}_s{s}", "pool", pool, (c, r, r)
+        yield f"{kind}pool3x3_c{c}_r{r}_s{s}", "pool" if kind == "avg" else "pool_max", pool, (c, r, r)
     for fin, fout in ((64, 10), (256, 10), (256, 256), (1024, 256)) + (() if small else ((1024, 1024),)):
         yield f"linear_{fin}x{fout}", "linear", nn.Linear(fin, fout), (fin,)
     for c, r in itertools.product((16, 64) if small else (16, 64, 256), (16, 32) if small else res):

@@ -1,29 +1,33 @@
 """Measure the energy of modules on this machine: J per input sample, ready for ``EnergyEstimator.fit``.
 
-Sources, in order of preference (``source="auto"``):
+Sources (``source="auto"`` tries them in this order):
 
-* ``nvml`` (``device="cuda"``): ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since driver load, Volta+). The
-  counter updates every 20-100 ms, so each op repeats in windows of >= 1 s; median of 3 windows; the idle
-  power, measured first, is subtracted (recorded in meta).
-* ``rapl`` (``device="cpu"``): ``/sys/class/powercap/intel-rapl:N/energy_uj`` package domains (wrap-around at
-  ``max_energy_range_uj`` handled), idle power subtracted likewise.
+* ``zeus``: Zeus's ``ZeusMonitor`` measurement windows (package ``zeus``, imported lazily): NVIDIA and AMD GPUs
+  (``device="cuda"``; NVML's energy counter, or its power samples on GPUs older than Volta), CPU packages and DRAM
+  through RAPL (``device="cpu"``), and the whole SoC on Jetson and Apple silicon where no GPU or RAPL counter is
+  found. Each op repeats in windows of >= 1 s (GPU) / 0.3 s (CPU), median of ``repeats``; the idle power,
+  measured first over the same counter, is subtracted (recorded in meta).
 * ``latency_x_watts``: median latency times the power ``watts`` the user states (e.g. the board's measured
   active power). Never a silent TDP guess: without a counter and without ``watts`` measuring fails with
-  :class:`EnergyCounterUnavailable`.
+  :class:`EnergyCounterUnavailable`, whose message says why each counter was unavailable.
 """
 from __future__ import annotations
 
 import copy
-import glob
+import importlib
 import math
-import os
 import platform
-import statistics
 import time
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from .runner import measure_item
+from .trace import EnergyMemoryError, check_fits, is_oom
+
+#: accepted for ``source`` by version 1.0 of this package (its own NVML and RAPL readers): Zeus reads both now
+ALIASES = {"nvml": "zeus", "rapl": "zeus"}
 
 
 class EnergyCounterUnavailable(RuntimeError):
@@ -45,78 +49,87 @@ class Measurements(list):
 
 
 # ------------------------------------------------------------------------------------------- counters
-class RaplCounter:
-    """Sum of the package-level RAPL domains, in joules, wrap-around safe."""
-
-    def __init__(self, root: str = "/sys/class/powercap"):
-        self.paths = sorted(p for p in glob.glob(os.path.join(root, "intel-rapl:*"))
-                            if os.path.basename(p).count(":") == 1)
-        if not self.paths:
-            raise EnergyCounterUnavailable(f"no RAPL package domain under {root}")
-        self.max = []
-        for p in self.paths:
-            try:
-                with open(os.path.join(p, "max_energy_range_uj")) as f:
-                    self.max.append(int(f.read()))
-                self._raw(p)
-            except (OSError, ValueError) as e:
-                raise EnergyCounterUnavailable(f"RAPL counter {p} is not readable ({e})") from None
-        self.last = [self._raw(p) for p in self.paths]
-        self.total_uj = 0
-
-    @staticmethod
-    def _raw(p: str) -> int:
-        with open(os.path.join(p, "energy_uj")) as f:
-            return int(f.read())
-
-    def read(self) -> float:
-        for i, p in enumerate(self.paths):
-            v = self._raw(p)
-            d = v - self.last[i]
-            if d < 0:  # wrapped around
-                d += self.max[i] + 1
-            self.total_uj += d
-            self.last[i] = v
-        return self.total_uj * 1e-6
-
-    def describe(self) -> str:
-        return platform.platform()
+_SOC_FIELDS = ("cpu_total_mj", "cpu_energy_mj", "gpu_mj", "gpu_energy_mj", "gpu_sram_mj", "ane_mj", "dram_mj")
 
 
-class NvmlCounter:
-    """GPU energy since driver load (nvidia-ml-py, imported lazily), in joules."""
+def soc_joules(m) -> float | None:
+    """Joules of a Zeus SoC measurement: Jetson's total rail if present, else the sum of its subsystems (Apple:
+    CPU, GPU, GPU SRAM, neural engine, DRAM)."""
+    total = getattr(m, "total_energy_mj", None)
+    if total is not None:
+        return float(total) * 1e-3
+    parts = [getattr(m, k, None) for k in _SOC_FIELDS]
+    parts = [float(p) for p in parts if isinstance(p, (int, float))]
+    return sum(parts) * 1e-3 if parts else None
 
-    def __init__(self, cuda_index: int):
+
+class ZeusCounter:
+    """Energy of one measurement window through ``zeus.monitor.ZeusMonitor``, in joules.
+
+    ``cuda``: the current GPU (else a Jetson-like SoC); ``cpu``: every RAPL package plus its DRAM domain (else an
+    Apple-silicon-like SoC)."""
+
+    def __init__(self, device: str):
         try:
-            import pynvml  # package nvidia-ml-py
+            zm = importlib.import_module("zeus.monitor")
         except ImportError:
-            raise EnergyCounterUnavailable("pynvml is not installed (pip install nvidia-ml-py)") from None
-        self.nv = pynvml
-        try:
-            pynvml.nvmlInit()
-            self.handle = self._handle(cuda_index)
-            pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
-        except pynvml.NVMLError as e:
-            raise EnergyCounterUnavailable(f"NVML energy counter not available ({e})") from None
+            raise EnergyCounterUnavailable("Zeus is not installed (pip install zeus)") from None
+        except Exception as e:  # noqa: BLE001 - a broken install is the same "no counter" for the user
+            raise EnergyCounterUnavailable(f"Zeus failed to import ({type(e).__name__}: {e})") from None
+        self.kind, self.index, self.monitor = "", None, None
+        reasons = []
+        if device == "cuda":
+            self.index = torch.cuda.current_device()
+            try:
+                self.monitor = zm.ZeusMonitor(gpu_indices=[self.index], cpu_indices=[], approx_instant_energy=True)
+                self.kind = "gpu"
+            except Exception as e:  # noqa: BLE001 - zeus raises its own types per vendor
+                reasons.append(f"no GPU counter for cuda:{self.index} ({type(e).__name__}: {e})")
+        else:
+            try:
+                mon = zm.ZeusMonitor(gpu_indices=[])
+            except Exception as e:  # noqa: BLE001
+                raise EnergyCounterUnavailable(f"Zeus could not start ({type(e).__name__}: {e})") from None
+            if list(getattr(mon, "cpu_indices", []) or []):
+                self.monitor, self.kind = mon, "cpu"
+            else:
+                reasons.append("no readable RAPL package (Zeus needs read access to "
+                               "/sys/class/powercap/intel-rapl:*/energy_uj, root on recent kernels)")
+                self.monitor = mon
+        if not self.kind:
+            if self.monitor is None:
+                try:
+                    self.monitor = zm.ZeusMonitor(gpu_indices=[], cpu_indices=[])
+                except Exception as e:  # noqa: BLE001
+                    raise EnergyCounterUnavailable(f"Zeus could not start ({type(e).__name__}: {e})") from None
+            if getattr(self.monitor, "soc_is_present", False):
+                self.kind = "soc"
+            else:
+                raise EnergyCounterUnavailable("Zeus found " + "; ".join(reasons + ["no SoC (Jetson, Apple)"]))
+        self._n = 0
 
-    def _handle(self, cuda_index: int):
-        nv = self.nv
-        try:  # map the CUDA device (CUDA_VISIBLE_DEVICES may reorder) to NVML by PCI bus id
-            props = torch.cuda.get_device_properties(cuda_index)
-            bus = "%08X:%02X:%02X.0" % (props.pci_domain_id, props.pci_bus_id, props.pci_device_id)
-            return nv.nvmlDeviceGetHandleByPciBusId(bus)
-        except Exception:
-            return nv.nvmlDeviceGetHandleByIndex(cuda_index)
+    def begin(self) -> None:
+        self._n += 1
+        self.monitor.begin_window(f"dl_energy_estimator-{self._n}")
 
-    def read(self) -> float:
-        return self.nv.nvmlDeviceGetTotalEnergyConsumption(self.handle) * 1e-3
+    def end(self) -> float:
+        """Joules since :meth:`begin`."""
+        m = self.monitor.end_window(f"dl_energy_estimator-{self._n}")
+        if self.kind == "gpu":
+            return float(m.gpu_energy[self.index])
+        if self.kind == "cpu":
+            return float(sum((m.cpu_energy or {}).values()) + sum((m.dram_energy or {}).values()))
+        j = soc_joules(getattr(m, "soc_energy", None))
+        if j is None:
+            raise EnergyCounterUnavailable("Zeus's SoC measurement holds no energy field this package knows")
+        return j
 
     def describe(self) -> str:
         try:
-            v = self.nv.nvmlSystemGetDriverVersion()
-            return v.decode() if isinstance(v, bytes) else str(v)
-        except Exception:
-            return "unknown"
+            version = importlib.import_module("zeus").__version__
+        except Exception:  # noqa: BLE001
+            version = "?"
+        return f"zeus {version} ({self.kind})"
 
 
 def cpu_name() -> str:
@@ -132,20 +145,14 @@ def cpu_name() -> str:
 
 def open_counter(device: str, source: str, watts: float | None):
     """(source, counter or None, why-not text). Raises EnergyCounterUnavailable when nothing can measure."""
+    source = ALIASES.get(source, source)
     reasons = []
-    if source in ("auto", "nvml") and device == "cuda":
+    if source in ("auto", "zeus"):
         try:
-            return "nvml", NvmlCounter(torch.cuda.current_device()), ""
+            return "zeus", ZeusCounter(device), ""
         except EnergyCounterUnavailable as e:
-            reasons.append(f"NVML: {e}")
-            if source == "nvml":
-                raise
-    if source in ("auto", "rapl") and device == "cpu":
-        try:
-            return "rapl", RaplCounter(), ""
-        except EnergyCounterUnavailable as e:
-            reasons.append(f"RAPL: {e}")
-            if source == "rapl":
+            reasons.append(str(e))
+            if source == "zeus":
                 raise
     if source in ("auto", "latency_x_watts"):
         if watts is not None:
@@ -153,7 +160,7 @@ def open_counter(device: str, source: str, watts: float | None):
         raise EnergyCounterUnavailable(
             "no energy counter is readable on this machine (" + ("; ".join(reasons) or "none for this device")
             + "); pass --watts W (the device's power while busy) to estimate energy as latency x watts")
-    raise EnergyCounterUnavailable(f"source {source!r} does not apply to device {device!r}")
+    raise EnergyCounterUnavailable(f"unknown source {source!r}; valid: auto, zeus, latency_x_watts")
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -162,10 +169,11 @@ def _sync(device: str) -> Callable[[], None]:
 
 
 def _idle_power(counter, seconds: float) -> float:
-    e0, t0 = counter.read(), time.perf_counter()
+    counter.begin()
+    t0 = time.perf_counter()
     time.sleep(seconds)
-    e1, t1 = counter.read(), time.perf_counter()
-    return max(0.0, (e1 - e0) / (t1 - t0))
+    e, t1 = counter.end(), time.perf_counter()
+    return max(0.0, e / (t1 - t0))
 
 
 def measure(samples: Sequence[tuple[nn.Module, Sequence[int]]], device: str = "cpu", watts: float | None = None,
@@ -176,7 +184,8 @@ def measure(samples: Sequence[tuple[nn.Module, Sequence[int]]], device: str = "c
 
     The batch dimension of each shape is replaced by ``batch_size``. Modules are copied to ``device`` (the
     originals are untouched), run in eval() under no_grad on random inputs. Each op runs in windows of at least
-    ``window_s`` (default 1 s on NVML, 0.3 s on RAPL, 0.1 s for latency), median of ``repeats``.
+    ``window_s`` (default 1 s on a GPU counter, 0.3 s on a CPU/SoC counter, 0.1 s for latency), median of
+    ``repeats``. An input too large for this machine's memory raises :class:`EnergyMemoryError`.
     ``threads``: CPU intra-op threads while measuring (default 1: reproducible, and immune to the multi-ms
     stalls OpenMP barriers suffer on a busy or CPU-limited machine; None keeps torch's setting).
     """
@@ -188,11 +197,14 @@ def measure(samples: Sequence[tuple[nn.Module, Sequence[int]]], device: str = "c
         raise ValueError(f"watts must be a positive number, got {watts!r}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for _, shape in samples:
+        check_fits((int(batch_size),) + tuple(int(s) for s in shape[1:]), what="measuring")
     src, counter, why = open_counter(device, source, watts)
-    window_s = window_s or {"nvml": 1.0, "rapl": 0.3}.get(src, 0.1)
-    warmup_s = warmup_s if warmup_s is not None else (0.3 if device == "cuda" else 0.02)
+    gpu = device == "cuda"
+    window_s = window_s or (1.0 if counter and gpu else 0.3 if counter else 0.1)
+    warmup_s = warmup_s if warmup_s is not None else (0.3 if gpu else 0.02)
     sync = _sync(device)
-    idle_w = _idle_power(counter, idle_s or (3.0 if src == "nvml" else 1.0)) if counter else 0.0
+    idle_w = _idle_power(counter, idle_s or (3.0 if gpu else 1.0)) if counter else 0.0
     gen = torch.Generator().manual_seed(seed)
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -200,11 +212,18 @@ def measure(samples: Sequence[tuple[nn.Module, Sequence[int]]], device: str = "c
     try:
         values = _run(samples, device, batch_size, counter, watts, idle_w, window_s, warmup_s, repeats, sync, gen,
                       progress, src)
+    except (MemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        raise EnergyMemoryError(f"measuring at batch size {batch_size} ran out of memory; use a smaller batch "
+                                f"size") from None
     finally:
         torch.set_num_threads(old_threads)
     dev_name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     driver = counter.describe() if counter else (torch.version.cuda or platform.platform())
-    meta = {"source": src, "device": dev_name, "driver": driver, "idle_w": idle_w, "watts": watts,
+    src_detail = f"zeus:{counter.kind}" if counter else src
+    meta = {"source": src, "counter": src_detail, "device": dev_name, "driver": driver, "idle_w": idle_w,
+            "watts": watts,
             "window_s": window_s, "repeats": repeats, "batch_size": int(batch_size), "fallback_reason": why,
             "threads": torch.get_num_threads() if threads is None else int(threads)}
     return Measurements(values, src, meta)
@@ -223,26 +242,7 @@ def _run(samples, device, batch_size, counter, watts, idle_w, window_s, warmup_s
             shape = (int(batch_size),) + tuple(int(s) for s in shape[1:])
             m = copy.deepcopy(module).to(device).eval()
             x = torch.randn(shape, generator=gen).to(device)
-            n, t_start = 0, time.perf_counter()  # warm-up, and a first latency estimate
-            while n < 3 or time.perf_counter() - t_start < warmup_s:
-                m(x)
-                sync()
-                n += 1
-            per = (time.perf_counter() - t_start) / n
-            iters = max(1, math.ceil(window_s / max(per, 1e-7)))
-            runs = []
-            for _ in range(repeats):
-                sync()
-                e0 = counter.read() if counter else 0.0
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    m(x)
-                sync()
-                t1 = time.perf_counter()
-                e1 = counter.read() if counter else 0.0
-                dt = t1 - t0
-                joules = (e1 - e0) - idle_w * dt if counter else watts * dt
-                runs.append(joules / iters)
-            values.append(max(statistics.median(runs), 1e-12) / shape[0])
+            r = measure_item(m, x, counter, idle_w, watts, window_s, repeats, warmup_s, sync)
+            values.append(r["joules"])
             del m, x
     return values

@@ -12,9 +12,16 @@
 
 The module is put in eval() for the pass (each submodule's mode restored afterwards), under ``torch.no_grad()``:
 no gradients, no BatchNorm running-stat updates.
+
+Every feature of the layers this package knows is affine in the batch size (activations scale with it, weights
+and kernel calls do not), so a deployment batch above 3 is not allocated: the module is traced at batches 1, 2
+and 3, and when the three traces line up and are affine the features at the batch are extrapolated exactly. A
+module whose trace is not (control flow on the batch, a registered features function that is not affine) is
+traced at the batch itself; if that cannot be allocated, :class:`EnergyMemoryError`.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Callable, Sequence
 
@@ -162,10 +169,77 @@ def check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+class EnergyMemoryError(RuntimeError):
+    """The input shape (deployment batch) does not fit in this machine's memory for tracing or measuring."""
+
+
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CPU or GPU)."""
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of Linux (None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(shape: Sequence[int], element_size: int = 4, what: str = "tracing") -> None:
+    """Refuse an input whose tensor alone would take over a quarter of the available memory: activations are
+    several times the input, and the kernel's out-of-memory killer, unlike an exception, cannot be caught."""
+    need = math.prod(shape) * element_size
+    avail = available_bytes()
+    if avail is not None and need > avail // 4:
+        raise EnergyMemoryError(f"{what} at input shape {tuple(shape)} needs more memory than this machine has "
+                                f"(input alone {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available); "
+                                f"use a smaller batch size")
+
+
+def _affine(records: list[list[LayerFeatures]]) -> bool:
+    one, two, three = records
+    if not len(one) == len(two) == len(three):
+        return False
+    for a, b, c in zip(one, two, three):
+        if not (a.family == b.family == c.family and a.name == b.name == c.name):
+            return False
+        for k in ("macs", "bytes", "calls"):
+            va, vb, vc = getattr(a, k), getattr(b, k), getattr(c, k)
+            if vb < va or abs((vc - vb) - (vb - va)) > 1e-9 * max(1.0, vc):
+                return False
+    return True
+
+
 def trace(module: nn.Module, input_shape: Sequence[int], registry: dict[type, Callable]) -> list[LayerFeatures]:
-    """Features of every layer/op executed by one forward of ``module`` on zeros of ``input_shape``."""
+    """Features of every layer/op executed by one forward of ``module`` on zeros of ``input_shape`` (batches
+    above 3 extrapolated from batches 1-3 when exact, see the module's doc)."""
     shape = check_shape(input_shape)
+    B = shape[0]
+    if B > 3:
+        small = [_trace(module, (b,) + shape[1:], registry) for b in (1, 2, 3)]
+        if _affine(small):
+            out = []
+            for a, b in zip(small[0], small[1]):
+                f = LayerFeatures(a.family, *(getattr(a, k) + (B - 1) * (getattr(b, k) - getattr(a, k))
+                                              for k in ("macs", "bytes", "calls")), name=a.name, op=a.op)
+                out.append(f)
+            return out
+    return _trace(module, shape, registry)
+
+
+def _trace(module: nn.Module, shape: tuple[int, ...], registry: dict[type, Callable]) -> list[LayerFeatures]:
     device, dtype = _device_dtype(module)
+    check_fits(shape, torch.empty((), dtype=dtype).element_size())
     modes = [(m, m.training) for m in module.modules()]
     tracer = Tracer(registry)
     handles = tracer.attach(module)
@@ -175,11 +249,16 @@ def trace(module: nn.Module, input_shape: Sequence[int], registry: dict[type, Ca
         if device.type == "cpu" and threads > 1:
             torch.set_num_threads(1)  # small batch-1 kernels: OpenMP barriers only add latency (ms on busy hosts)
         with torch.no_grad():
-            x = torch.zeros(shape, device=device, dtype=dtype)
             _stack().append(tracer)
             try:
+                x = torch.zeros(shape, device=device, dtype=dtype)
                 with tracer:
                     module(x)
+            except (MemoryError, RuntimeError) as e:
+                if not is_oom(e):
+                    raise
+                raise EnergyMemoryError(f"tracing at input shape {shape} ran out of memory; use a smaller batch "
+                                        f"size") from None
             finally:
                 s = _stack()
                 if s and s[-1] is tracer:

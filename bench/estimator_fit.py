@@ -1,0 +1,139 @@
+"""Does the energy-model fit hold on the device? Random networks of two cell spaces, measured on this machine and
+on synthetic devices; fit on 60 (and 240) networks, rank the rest, 5 draws (issue 13).
+
+    python bench/estimator_fit.py [--watts 15] [--cache bench/estimator_fit_cache.json] [--draws 5]
+
+Pools: DARTS cells at three widths/depths (mixed), the (16 channels, 8 layers) part of it alone, and
+NAS-Bench-201-like cells (16 channels, 5 cells per stage). Measured: median latency x --watts on this CPU, one
+thread (dl_energy_estimator.measure), in --rounds rounds over all networks in a new random order each (drift and
+other processes hit every kind of network alike); a network's energy is the median of its rounds. The
+measurements are cached in --cache and reused (--remeasure to measure again); the test-retest Spearman (median of
+the even rounds vs of the odd ones) is printed: the ceiling of any model on this machine. Synthetic devices, the op-count NNLS baseline and the draws
+are in tests/fit_protocol.py (shared with tests/test_energy_fit.py). Prints one markdown table per pool.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import fit_protocol as P  # noqa: E402
+import spaces  # noqa: E402
+from dl_energy_estimator import measure  # noqa: E402
+from dl_energy_estimator.schema import write_atomic  # noqa: E402
+
+POOLS = {  # name -> (space, {(channels, layers): networks}, seed)
+    "darts": ("darts", {(8, 5): 100, (16, 8): 300, (24, 11): 100}, 1),
+    "nb201": ("nb201", {(16, 5): 300}, 2),
+}
+SHAPE = (1, 3, 32, 32)
+
+
+def module_of(space: str, net: P.Net) -> torch.nn.Module:
+    C, L = net.config
+    if space == "darts":
+        return spaces.energy_network("darts", net.genotype, SHAPE[1:], 10, C, L)
+    return P.NB201Net(net.genotype, C, L, SHAPE[1]).eval()
+
+
+def key(space: str, net: P.Net) -> str:
+    return json.dumps([space, list(net.config), net.genotype], sort_keys=True)
+
+
+def measure_pool(space: str, nets: list[P.Net], cache: dict, args, path: str) -> np.ndarray:
+    """Joules per image (median over rounds) of each network, from the cache or measured now."""
+    modules: dict = {}
+    for r in range(args.rounds):
+        order = [i for i, n in enumerate(nets) if len(cache.get(key(space, n), [])) <= r]
+        order = list({key(space, nets[i]): i for i in order}.values())  # a repeated network is measured once
+        random.Random(r).shuffle(order)
+        if not order:
+            continue
+        torch.manual_seed(r)
+        for i in order:
+            if i not in modules:
+                modules[i] = module_of(space, nets[i])
+        res = measure([(modules[i], SHAPE) for i in order], watts=args.watts, window_s=args.window_s,
+                      repeats=args.repeats, progress=True, seed=r)
+        for i, j in zip(order, res.joules):
+            cache.setdefault(key(space, nets[i]), []).append(j)
+        write_atomic(path, cache)
+    runs = [cache[key(space, n)][:args.rounds] for n in nets]
+    even = [statistics.median(v[0::2]) for v in runs]
+    odd = [statistics.median(v[1::2]) for v in runs]
+    print(f"{space}: test-retest Spearman (median of even vs odd rounds) {P.rho(even, odd):.3f}", flush=True)
+    return np.array([statistics.median(v) for v in runs])
+
+
+def table(title: str, rows: list[tuple[str, dict]]) -> str:
+    f = lambda v: f"{np.mean(v):.3f} / {min(v):.3f}"
+    lines = [f"\n{title}\n",
+             "| device | default | fit 60: mean / worst | NNLS op counts 60 | fit 240 | NNLS op counts 240 | "
+             f"worst fit 60 >= worst default and worst NNLS; 240 >= 60 (tolerance {P.TOL}) | chosen (60) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        ok60 = min(r["fit60"]) >= min(r["default"]) - P.TOL and min(r["fit60"]) >= min(r["nnls60"]) - P.TOL
+        has240 = "fit240" in r
+        cells = [f(r["default"]), f(r["fit60"]), f(r["nnls60"]),
+                 f(r["fit240"]) if has240 else "n/a", f(r["nnls240"]) if has240 else "n/a"]
+        ok = ["yes" if ok60 else "NO"]
+        if has240:
+            ok.append("yes" if (np.mean(r["fit240"]) >= np.mean(r["fit60"]) - P.TOL
+                                and min(r["fit240"]) >= min(r["fit60"]) - P.TOL) else "NO")
+        common = max(set(r["chosen"][60]), key=r["chosen"][60].count)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(ok)} | {common} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--watts", type=float, default=15.0, help="power while busy (W): energy = latency x watts")
+    p.add_argument("--cache", default=os.path.join(ROOT, "bench", "estimator_fit_cache.json"))
+    p.add_argument("--remeasure", action="store_true")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--window_s", type=float, default=0.03)
+    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_measure", action="store_true", help="synthetic devices only")
+    args = p.parse_args()
+    cache = {}
+    if os.path.exists(args.cache) and not args.remeasure:
+        with open(args.cache, encoding="utf-8") as f:
+            cache = json.load(f)
+    out = []
+    for pool, (space, counts, seed) in POOLS.items():
+        nets = P.build_pool(counts, seed=seed, input_shape=SHAPE, progress=True, space=space)
+        subsets = {f"{pool} mixed widths/depths" if len(counts) > 1 else pool: list(range(len(nets)))}
+        if len(counts) > 1:
+            for cfg in counts:
+                idx = [i for i, n in enumerate(nets) if n.config == cfg]
+                if len(idx) >= 300:
+                    subsets[f"{pool} at {cfg[0]} channels, {cfg[1]} layers"] = idx
+        measured = None if args.no_measure else measure_pool(space, nets, cache, args, args.cache)
+        for title, idx in subsets.items():
+            sub = [nets[i] for i in idx]
+            rows = []
+            if measured is not None:
+                rows.append((f"this CPU (latency x {args.watts:g} W)",
+                             P.evaluate(sub, measured[idx], draws=args.draws, seed=args.seed)))
+            for dev in P.DEVICES:
+                y = P.device_energies(sub, dev, seed=args.seed + 1)
+                rows.append((dev, P.evaluate(sub, y, draws=args.draws, seed=args.seed)))
+            out.append(table(f"{title}: {len(sub)} networks; Spearman on the held-out networks, {args.draws} draws",
+                             rows))
+            print(out[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
