@@ -395,8 +395,9 @@ def one_line(e: BaseException) -> str:
 
 def is_out_of_memory(e: BaseException) -> bool:
     """torch's OutOfMemoryError, MemoryError, or an allocator's RuntimeError ("not enough memory")."""
+    from dl_energy_estimator import EnergyMemoryError
     text = str(e).lower()
-    return isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())) or \
+    return isinstance(e, (MemoryError, EnergyMemoryError)) or isinstance(e, getattr(torch, "OutOfMemoryError", ())) or \
         any(w in text for w in ("out of memory", "not enough memory", "failed to allocate", "can't allocate memory",
                                 "cannot allocate memory"))
 

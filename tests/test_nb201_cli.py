@@ -118,3 +118,29 @@ def test_pareto_checks_benchmark_columns_up_front(tmp_path, capsys):
                      "acc", "--log_dir", str(tmp_path / "log"), "--run_name", "p", "--wandb", "disabled"])
     assert exc.value.code == 2
     assert "energy" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_fit_the_estimator_to_a_published_nb201_table(tmp_path):
+    """`dl_energy_estimator fit --space nb201 --table`: each listed cell's network is built and the estimator is
+    fitted to the column; the fitted model ranks the table's cells as measured and loads in the scripts."""
+    import random
+    from scipy.stats import spearmanr
+    import spaces
+    import utils
+    rng = random.Random(0)
+    cells = rng.sample(list(itertools.product(nb201.PRIMITIVES, repeat=len(nb201.EDGES))), 40)
+    measured = {nb201.format_arch(ops): 1 + 2 * ops.count("nor_conv_3x3") + ops.count("nor_conv_1x1")
+                + 0.3 * ops.count("avg_pool_3x3") + 0.05 * rng.random() for ops in cells}
+    with open(tmp_path / "hw.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arch_str", "edgegpu_energy"])
+        w.writerows(measured.items())
+    res = run_script("-m", "dl_energy_estimator", "fit", "--space", "nb201", "--table", str(tmp_path / "hw.csv"),
+                     "--column", "edgegpu_energy", "--unit", "mJ", "--out", str(tmp_path / "m.json"), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    est = utils.load_estimator(str(tmp_path / "m.json"), None)
+    predicted = [est.model_energy(spaces.energy_network("nb201", a, (3, 32, 32)), (1, 3, 32, 32)) for a in measured]
+    assert spearmanr(predicted, list(measured.values())).statistic > 0.95
+    res = run_script("-m", "dl_energy_estimator", "fit", "--space", "nb201", "--table", str(tmp_path / "hw.csv"),
+                     "--column", "no_such", "--out", str(tmp_path / "x.json"), timeout=300)
+    assert res.returncode == 2 and "no_such" in res.stderr and "Traceback" not in res.stderr
