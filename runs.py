@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional
 import torch
 
 import distributed
+import jsonfile
 from tracker import Tracker, wandb_mode
 from cliargs import CLIError, fail  # noqa: F401 (fail: the scripts' one-line exit)
 from utils import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
@@ -279,20 +280,11 @@ _MISSING = object()
 
 
 def field(ckpt: Dict[str, Any], key: str, types, default: Any = _MISSING) -> Any:
-    """`ckpt[key]` if it has one of `types` (bools are not numbers); else the default or a CLIError naming the
-    checkpoint and the key."""
-    types = types if isinstance(types, tuple) else (types,)
-    value = ckpt.get(key, _MISSING)
-    if value is _MISSING or value is None and type(None) not in types:
-        if default is not _MISSING:
-            return default
-    ok = value is not _MISSING and isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        names = "/".join("null" if t is type(None) else t.__name__ for t in types)
-        got = "missing" if value is _MISSING else type(value).__name__
-        raise CLIError(f"--resume {ckpt.get('path', 'checkpoint')}: key {key!r} should be {names}, found {got}; "
-                       f"the checkpoint is damaged")
-    return value
+    """`ckpt[key]` if it has one of `types` (bools are not numbers); else the default (when the key is absent or
+    null and one is given) or a CLIError naming the checkpoint and the key."""
+    where = f"--resume {ckpt.get('path', 'checkpoint')} (a damaged checkpoint)"
+    return jsonfile.get(ckpt, key, types, where) if default is _MISSING else \
+        jsonfile.get(ckpt, key, types, where, default)
 
 
 def load_state(target, state: Any, what: str) -> None:
