@@ -16,10 +16,11 @@ the complexity: seeded k-fold cross-validation *inside the samples* over
   copy, synchronisation, a launch floor; it is reported in ``fit`` but cannot be part of a per-layer model),
 * a path of ridge strengths pulling each multiplier toward the coarser fit.
 
-A candidate must first beat the scaled prior beyond the noise of a paired bootstrap of its out-of-fold
-predictions (see :func:`select`); among those, the best cross-validated Spearman rank correlation wins, candidates
-within ``tie`` of it count as tied and the lowest median relative error wins among them (then the simpler). When
-none beats it, the scaled prior is kept. Everything is deterministic for a given seed.
+The scaled prior is kept unless some candidate beats it beyond the noise of a paired bootstrap of its out-of-fold
+predictions (``Z`` standard deviations, see :func:`select`). Once one does, the prior is ruled out and every
+candidate that beats it by a lower bar (``Z_IN``) competes: the best cross-validated Spearman rank correlation
+wins, candidates within ``tie`` of it count as tied and the lowest median relative error wins among them (then the
+simpler). Everything is deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ MIN_CV = 8        # fewer samples than this: no cross-validation, the scaled pri
 Z = 1.5           # a candidate must beat the scaled prior by this many bootstrap standard deviations
 Z_REL = 3.0       # ... or rank as well and beat its median relative error by this many (stricter: a lower error
                   # at an equal rank is no evidence for ranking, it must be unmistakable)
+Z_IN = 1.0        # once the prior is beaten, a candidate competes when it beats the prior by this many
 BOOTS = 200       # paired bootstrap resamples of the out-of-fold predictions
 
 
@@ -219,22 +221,27 @@ def cross_validate(A: np.ndarray, y: np.ndarray, cands: Sequence[Candidate], fol
             for i, c in enumerate(cands)]
 
 
-def select(rows: list[dict], tie: float = TIE, z: float = 1.0) -> int:
+def select(rows: list[dict], tie: float = TIE, z: float = 1.0, z_in: float = Z_IN) -> int:
     """Index of the winner (``rows`` ordered simplest first, the scaled prior at 0).
 
-    A candidate qualifies when its Spearman gain over the scaled prior exceeds ``z`` standard deviations of the
-    paired bootstrap (a gain within the noise of a few dozen samples is the winner's curse, not a better model),
-    or when it ranks as well (within ``tie``) and its median relative error is lower by more than ``Z_REL``
-    standard deviations (single layers, which every model ranks alike, are told apart by their errors). Among the
-    qualified: best CV Spearman; within ``tie`` of it, lowest median relative error; then simplest. None
-    qualifies: the scaled prior."""
-    def beats(r: dict) -> bool:
-        if r["gain"] > 0 and r["gain"] > z * r["gain_sd"]:
+    Two questions. Is the scaled prior beaten? Only when some candidate's Spearman gain over it exceeds ``z``
+    standard deviations of the paired bootstrap (a gain within the noise of a few dozen samples is the winner's
+    curse, not a better model), or some candidate ranks as well (within ``tie``) and its median relative error is
+    lower by more than ``Z_REL`` standard deviations (single layers, which every model ranks alike, are told apart
+    by their errors). If not: the scaled prior. If so, which fitted model? Every candidate that beats the prior by
+    ``z_in`` (< ``z``) standard deviations, or by the error rule, competes: once the prior is out, the strict bar
+    would favour the candidates with the narrowest bootstrap (the simplest) over ones that rank better, while no
+    bar at all lets the winner's curse pick among ~60 noisy scores. Among them: best CV Spearman; within ``tie``
+    of it, lowest median relative error; then simplest."""
+    def beats(r: dict, zz: float) -> bool:
+        if r["gain"] > 0 and r["gain"] > zz * r["gain_sd"]:
             return True
         return (r["gain"] >= -tie and r.get("rel_gain", 0) > 0
                 and r.get("rel_gain", 0) > Z_REL * r.get("rel_gain_sd", 0))
 
-    ok = [i for i, r in enumerate(rows) if i == 0 or beats(r)]
+    if not any(beats(r, z) for r in rows[1:]):
+        return 0
+    ok = [i for i in range(1, len(rows)) if beats(rows[i], min(z, z_in))]
     best = max(rows[i]["cv_spearman"] for i in ok)
     tied = [i for i in ok if rows[i]["cv_spearman"] >= best - tie]
     return min(tied, key=lambda i: (round(rows[i]["cv_median_rel_error"], 4), i))
@@ -263,7 +270,7 @@ def fit_cv(A: np.ndarray, y: np.ndarray, seed: int = 0, constant: bool = True, f
     stats = {"method": "cross-validated" if rows else "scaled prior (fewer than %d samples)" % MIN_CV,
              "chosen": chosen.name, "structure": chosen.structure, "ridge": chosen.ridge,
              "intercept_j": c, "global_scale": g, "seed": seed, "cv_folds": min(folds, len(y)) if rows else 0,
-             "cv_repeats": repeats if rows else 0, "tie": tie, "z": z,
+             "cv_repeats": repeats if rows else 0, "tie": tie, "z": z, "z_in": min(z, Z_IN),
              "median_rel_error": float(np.median(np.abs(pred - y) / y)), "candidates": rows}
     if rows:
         stats["cv_spearman"] = rows[k]["cv_spearman"]

@@ -30,7 +30,7 @@ META_SPEC = {"device": STR, "driver": STR, "torch": STR, "dtype": STR, "source":
              "idle_w": NUM, "watts": NUM}
 FIT_SPEC = {"n_samples": INT, "global_scale": NUM, "ridge": NUM, "median_rel_error": NUM, "prior": STR,
             "method": STR, "chosen": STR, "structure": STR, "intercept_mj": NUM, "seed": INT, "cv_folds": INT,
-            "cv_repeats": INT, "tie": NUM, "z": NUM, "cv_spearman": NUM, "cv_median_rel_error": NUM,
+            "cv_repeats": INT, "tie": NUM, "z": NUM, "z_in": NUM, "cv_spearman": NUM, "cv_median_rel_error": NUM,
             "n_train": INT, "n_grid": INT, "grid": STR, "multipliers": {ANY: [NUM]}, "table": [_ROW],
             "heldout": {"n": INT, "spearman": NUM, "spearman_macs_only": NUM, "median_rel_error": NUM,
                         "items": [_ITEM]},

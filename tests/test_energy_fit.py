@@ -91,6 +91,23 @@ def test_scaled_prior_is_kept_when_nothing_beats_it(pool):
                                                               * est.coefficients[f][k])
 
 
+def test_selection_guard_rules_out_the_prior_then_the_best_clear_candidate_wins():
+    """The strict bar (Z) only decides whether the scaled prior is beaten; then every candidate clear of the
+    noise by Z_IN competes on its CV Spearman, not only those past Z (which favours the narrowest bootstrap)."""
+    from dl_energy_estimator import fitting as F
+
+    def row(rho, gain_sd, rel=0.1):
+        return {"cv_spearman": rho, "cv_median_rel_error": rel, "gain": rho - 0.90, "gain_sd": gain_sd,
+                "rel_gain": 0.0, "rel_gain_sd": 1.0}
+    prior = row(0.90, 0.0)
+    strict = row(0.93, 0.01)                       # 3 sd: the prior is beaten
+    better = row(0.96, 0.06 / (F.Z + F.Z_IN) * 2)  # between Z_IN and Z standard deviations: competes
+    lucky = row(0.99, 0.2)                         # 0.45 sd: the winner's curse, never chosen
+    assert F.select([prior, strict, better, lucky], z=F.Z) == 2
+    assert F.select([prior, better, lucky], z=F.Z) == 0   # nothing past Z: the scaled prior
+    assert F.select([prior, strict, lucky], z=F.Z) == 1
+
+
 @pytest.mark.parametrize("device", P.DEVICES)
 def test_worst_draw_beats_default_and_op_count_regression(pool, device):
     """Fit on 60 (and 240) of the networks, rank the others, 3 draws. The fit's worst draw is at least the
