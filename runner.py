@@ -129,7 +129,7 @@ class EpochRunner:
         """One pass over the training queue with `train_step`; loss and accuracy averaged over every rank."""
         from tqdm import tqdm
         self.model.train()
-        distributed.set_epoch(self.shuffled_queues(), epoch)
+        distributed.set_epoch([self.train_queue], epoch)
         loss_m, acc_m = utils.AvgMeter(), utils.AvgMeter()
         bar = tqdm(self.train_queue, desc=f"{self.script} {epoch + 1}/{self.args.epochs}", leave=False,
                    dynamic_ncols=True, disable=None)
@@ -143,9 +143,6 @@ class EpochRunner:
             if control.stop_requested:
                 break
         return distributed.average_metrics({"train_loss": loss_m.avg, "train_acc": acc_m.avg}, acc_m.n)
-
-    def shuffled_queues(self) -> list:
-        return [self.train_queue]
 
     @torch.no_grad()
     def evaluate_queue(self, queue, prefix: str) -> Tuple[Dict[str, float], Any]:

@@ -23,8 +23,8 @@ import torch
 import distributed
 import jsonfile
 from tracker import Tracker, wandb_mode
-from cliargs import CLIError, fail  # noqa: F401 (fail: the scripts' one-line exit)
-from utils import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from cliargs import CLIError, fail
+from utils import atomic_torch_save, atomic_write_json, atomic_write_text
 
 # --------------------------------------------------------------------------------------------- run folder
 
@@ -180,7 +180,7 @@ def truncate_history(run_dir: str, last_epoch: int) -> int:
         if dropped:
             atomic_write_text(path, "".join(keep))
     path = os.path.join(run_dir, "alphas.json")
-    history = read_json(path)
+    history = jsonfile.read(path, "alphas file", None)
     if isinstance(history, list):
         kept = [h for h in history if isinstance(h, dict) and h.get("epoch", 0) <= last_epoch]
         if len(kept) != len(history):
@@ -192,11 +192,8 @@ def truncate_history(run_dir: str, last_epoch: int) -> int:
 def last_row(run_dir: str) -> Dict[str, Any]:
     """The last row of a run's metrics.jsonl ({} if it has none)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    rows = jsonfile.read_lines(path, "metrics file") if os.path.isfile(path) else []
+    return rows[-1] if rows else {}
 
 
 def git_commit() -> Optional[str]:

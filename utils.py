@@ -182,13 +182,3 @@ def load_estimator(path: Optional[str], batch_size: Optional[int]):
     except EnergyModelError as e:
         raise CLIError(str(e)) from None
     return est.with_batch_size(batch_size) if batch_size is not None else est
-
-
-
-
-def read_json(path: str, default: Any = None) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return default
