@@ -14,13 +14,12 @@ import io
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional
 
 import jsonfile
+import launchers
 import options
 import runs
 import spaces
@@ -28,7 +27,6 @@ import utils
 from cliargs import CLIError, fail, positive_int
 from tracker import Tracker, wandb_mode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 COLUMNS = ["energy_weight", "seed", "genotype_energy_mj", "params", "macs", "valid_acc", "test_acc", "run"]
 
 
@@ -69,13 +67,6 @@ def read_args(run_dir: str) -> dict:
     return jsonfile.expect(jsonfile.read(path, "args file", {}), dict, f"args file {path}")
 
 
-def run_command(cmd: List[str], log_path: str) -> int:
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        return subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT).returncode
-
-
 def plan(args: argparse.Namespace, passthrough: List[str], sweep_dir: str) -> List[Dict[str, Any]]:
     """One job per (weight, seed): the search command and, with --train, the training command."""
     jobs = []
@@ -97,25 +88,22 @@ def plan(args: argparse.Namespace, passthrough: List[str], sweep_dir: str) -> Li
     return jobs
 
 
-def execute(job: Dict[str, Any], sweep_dir: str, log) -> str:
+def next_step(job: Dict[str, Any], phase: str, sweep_dir: str, log) -> Optional[launchers.Step]:
+    """What `job` still has to run in `phase` ("search" or "training"); None when that is finished (logged as
+    skipped) or not asked for. A launcher runs it, with --resume when its run folder holds a checkpoint."""
     out = os.path.join(sweep_dir, f"{job['name']}.out")
-    if search_finished(job["run_dir"]):
-        log(f"{job['name']}: search already finished, skipped")
-    else:
-        if os.path.isfile(os.path.join(job["run_dir"], "checkpoint.pt")):
-            job["search"] += ["--resume", job["run_dir"]]
-        if run_command(job["search"], out) != 0:
-            return f"{job['name']}: search failed (see {out})"
-    if job["train"]:
-        train_dir = os.path.join(job["run_dir"], "train")
-        if os.path.isfile(os.path.join(train_dir, "summary.json")):
-            log(f"{job['name']}: training already finished, skipped")
-            return f"{job['name']}: done"
-        if os.path.isfile(os.path.join(train_dir, "checkpoint.pt")):  # a training stopped part-way: continue it
-            job["train"] += ["--resume", train_dir]
-        if run_command(job["train"], out) != 0:
-            return f"{job['name']}: training failed (see {out})"
-    return f"{job['name']}: done"
+    if phase == "search":
+        if search_finished(job["run_dir"]):
+            log(f"{job['name']}: search already finished, skipped")
+            return None
+        return launchers.Step(job["name"], phase, job["search"], job["run_dir"], out)
+    if not job["train"]:
+        return None
+    train_dir = os.path.join(job["run_dir"], "train")
+    if os.path.isfile(os.path.join(train_dir, "summary.json")):
+        log(f"{job['name']}: training already finished, skipped")
+        return None
+    return launchers.Step(job["name"], phase, job["train"], train_dir, out)
 
 
 def collect(run_dir: str, estimator) -> Dict[str, Any]:
@@ -231,12 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y", default=None, help="with --benchmark: the column on the plot's y axis (e.g. an accuracy)")
     p.add_argument("--train", action="store_true", help="also train each derived genotype with train.py")
     p.add_argument("--train_args", default="", help="extra flags for train.py, quoted, e.g. \"--epochs 10\"")
-    p.add_argument("--jobs", type=positive_int, default=1, help="searches run in parallel processes")
+    p.add_argument("--jobs", type=positive_int, default=None,
+                   help="searches (and trainings) running at once (default 1; --launcher slurm: all)")
     p.add_argument("--from", dest="from_runs", nargs="+", default=None, help="plot these search run folders")
     p.add_argument("--log_dir", default="./log")
     p.add_argument("--run_name", default=None, help="default pareto-<timestamp>")
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled"])
     p.add_argument("--energy_model", default=None)
+    launchers.add_args(p)
     return p
 
 
@@ -252,6 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise CLIError(f"--from: no genotype.json in {', '.join(missing)}")
         else:
             check_passthrough(args, passthrough)
+        launchers.check(args)
         table = check_benchmark(args)
         estimator = utils.load_estimator(args.energy_model, None)
         with runs.RunFolder(argparse.Namespace(log_dir=args.log_dir, run_name=args.run_name,
@@ -271,12 +262,10 @@ def sweep(args: argparse.Namespace, passthrough: List[str], sweep_dir: str, esti
         run_dirs = args.from_runs
     else:
         jobs = plan(args, passthrough, sweep_dir)
-        log.info(f"sweep {sweep_dir}: {len(jobs)} searches, {args.jobs} at a time")
-        from tqdm import tqdm
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for msg in tqdm(pool.map(lambda j: execute(j, sweep_dir, log.info), jobs), total=len(jobs),
-                            desc="sweep", disable=None):
-                log.info(msg)
+        log.info(f"sweep {sweep_dir}: {len(jobs)} searches, {args.jobs or 'all'} at a time ({args.launcher})")
+        for msg in launchers.run(args, jobs, lambda j, phase: next_step(j, phase, sweep_dir, log.info), sweep_dir,
+                                 log.info):
+            log.info(msg)
         run_dirs = [j["run_dir"] for j in jobs if os.path.isfile(os.path.join(j["run_dir"], "genotype.json"))]
     rows = [collect(d, estimator) for d in run_dirs]
     if not rows:
