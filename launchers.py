@@ -17,18 +17,21 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import submitit
 
+import jsonfile
+import utils
 from cliargs import CLIError, nonneg_int, positive_float, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCHERS = ("local", "submitit-local", "slurm")
 PHASES = ("search", "training")
 SLURM_DEFAULTS = {"slurm_time": "24:00:00", "slurm_mem_gb": 32.0, "slurm_cpus_per_gpu": 8}
+REQUEUE_GRACE_S = 120
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # submitit's local executor kills a job after timeout_min: no limit here
 NAME = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")  # partition, account, qos: comma lists of plain names
 CONSTRAINT = re.compile(r"[A-Za-z0-9_.\-&|,:*\[\]()!]+")
@@ -53,6 +56,10 @@ class Step:
         if os.path.isfile(os.path.join(self.run_dir, "checkpoint.pt")):  # stopped part-way: continue it
             cmd += ["--resume", self.run_dir]
         return cmd
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.phase}"
 
     def failed(self, log: Optional[str] = None) -> str:
         return f"{self.name}: {self.phase} failed (see {log or self.log})"
@@ -94,7 +101,13 @@ class SubmititStep(submitit.helpers.Checkpointable):
         self.step = step
 
     def __call__(self) -> int:
-        return run_step(self.step)
+        code = run_step(self.step)
+        if (code < 0 or code == 128 + signal.SIGTERM) and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            # The script was stopped by a signal: on SLURM a preemption or the coming time limit, which also
+            # signals this process; submitit's handler (or SLURM's own requeue) ends it within moments. Wait for
+            # that instead of reporting an interruption as a failure (if nothing comes, the status stands).
+            time.sleep(REQUEUE_GRACE_S)
+        return code
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         proc = _RUNNING.get(self.step.log)
@@ -292,22 +305,55 @@ def local_slots(args: argparse.Namespace) -> List[Tuple[int, ...]]:
     return [tuple(range(k * gpus, (k + 1) * gpus)) for k in range(min(max(args.jobs, 1), count // gpus))]
 
 
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING",
+          "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT"}  # SLURM job states of a job that is not over
+
+
+def record_path(folder: str) -> str:
+    return os.path.join(folder, "jobs.json")
+
+
+def still_running(folder: str, steps: List[Step]) -> Dict[str, submitit.Job]:
+    """SLURM: the jobs an earlier run of this sweep submitted that are still queued or running (by Step key), so
+    that running the sweep again waits for them instead of submitting a second job on the same run folder."""
+    record = jsonfile.expect(jsonfile.read(record_path(folder), "submitit job record", {}), dict, record_path(folder))
+    out = {}
+    for step in steps:
+        job_id = record.get(step.key)
+        if isinstance(job_id, str):
+            job = submitit.SlurmJob(folder, job_id)
+            if job.state.split()[0] in ACTIVE:
+                out[step.key] = job
+    return out
+
+
+def remember(folder: str, steps: List[Step], jobs: List[submitit.Job]) -> None:
+    record = jsonfile.expect(jsonfile.read(record_path(folder), "submitit job record", {}), dict, record_path(folder))
+    utils.atomic_write_json(record_path(folder), {**record, **{s.key: j.job_id for s, j in zip(steps, jobs)}})
+
+
 def wait(executor: submitit.Executor, steps: List[Step], args: argparse.Namespace,
          phase: str) -> Iterator[Tuple[Step, submitit.Job]]:
     """Submit `steps` and yield (step, job) as each job ends, with a tqdm bar. SLURM: one job array (the
-    scheduler keeps at most --jobs running). Local: one job per free slot, the next submitted as one ends."""
+    scheduler keeps at most --jobs running), jobs of an earlier run still queued or running are waited for, not
+    submitted again. Local: one job per free slot, the next submitted as one ends."""
     from tqdm import tqdm
     # The jobs unpickle SubmititStep from this module: put the project on their path, wherever pareto.py runs.
     env = {"PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)}
     slurm = args.launcher == "slurm"
     slots = [()] if slurm else local_slots(args)
     queue, running = list(steps), {}
+    if slurm:
+        earlier = still_running(str(executor.folder), queue)
+        running.update({id(j): (s, j, ()) for s in queue for k, j in earlier.items() if k == s.key})
+        queue = [s for s in queue if s.key not in earlier]
     with tqdm(total=len(steps), desc=phase, disable=None) as bar:
         while queue or running:
             with submitit.helpers.environment_variables(**env):
-                if slurm:  # everything at once, as one array
+                if slurm and queue:  # everything at once, as one array
                     with executor.batch():
                         jobs = [executor.submit(SubmititStep(s)) for s in queue]
+                    remember(str(executor.folder), queue, jobs)
                     running.update({id(j): (s, j, ()) for s, j in zip(queue, jobs)})
                     queue = []
                 while queue and slots:

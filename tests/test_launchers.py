@@ -153,3 +153,15 @@ def test_a_step_resumes_from_its_checkpoint(tmp_path):
                                                    "slurm_cpus_per_gpu", "slurm_setup", "slurm_extra")})
     launchers.check(args)
     assert args.jobs == 1 and args.gpus_per_job == 0
+
+
+def test_a_rerun_waits_for_the_slurm_jobs_still_running(tmp_path, monkeypatch):
+    fake_slurm(tmp_path, monkeypatch)
+    (tmp_path / "bin" / "sacct").write_text("#!/bin/sh\nprintf 'JobID|State|NodeList\\n4242_0|RUNNING|n1\\n"
+                                            "4242_1|COMPLETED|n2\\n4242_2|CANCELLED by 7|n3\\n'\n")
+    os.chmod(tmp_path / "bin" / "sacct", 0o755)
+    folder = tmp_path / "submitit"
+    folder.mkdir()
+    steps = [launchers.Step(f"w{w}-s0", "search", ["python"], str(tmp_path), "out") for w in (0, 1, 2, 3)]
+    launchers.remember(str(folder), steps[:3], [argparse.Namespace(job_id=f"4242_{i}") for i in range(3)])
+    assert list(launchers.still_running(str(folder), steps)) == ["w0-s0/search"]  # the others are submitted again
