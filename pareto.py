@@ -3,6 +3,9 @@
     python pareto.py --dataset digits --energy_weights 0,0.1,0.5 --epochs 5          # flags pass to the search
     python pareto.py --dataset digits --energy_weights 0,0.1,0.5 --train              # also train each cell
     python pareto.py --from log/run1 log/run2 --run_name mine                          # plot existing runs
+    python pareto.py --launcher slurm --slurm_partition gpu --dataset cifar10 ...      # one SLURM job per search
+
+How the searches run (a local pool, submitit's local executor, SLURM job arrays) is launchers.py's business.
 
 A sweep is resumable: a search (or training) that finished is not run again.
 """
