@@ -21,7 +21,7 @@ from test_run_safety import one_error_line
 SWEEP = ["pareto.py", "--dataset", "digits", "--energy_weights", "0,0.5", "--seeds", "0", "--epochs", "2",
          "--layers", "3", "--init_channels", "4", "--batch_size", "96", "--eval_channels", "4", "--eval_layers", "3",
          "--primitives", "none,max_pool_3x3,skip_connect,sep_conv_3x3", "--threads", "1", "--wandb", "disabled",
-         "--jobs", "2"]
+         "--jobs", "2", "--train", "--train_args", "--epochs 1 --batch_size 256 --threads 1"]
 
 
 def pareto_rows(sweep_dir):
@@ -52,15 +52,17 @@ def test_submitit_local_gives_the_local_launchers_rows(local_sweep):
                      timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(rows) == 2 and rows[0]["energy_weight"] == "0.0" and float(rows[0]["genotype_energy_mj"]) > 0
+    assert all(float(r["test_acc"]) > 0 for r in rows)  # trained: the second phase ran too
     assert pareto_rows(log / "sub") == rows
     for run in ("w0-s0", "w0.5-s0"):
         assert run_files(log / "sub" / run) == run_files(log / "local" / run)
     jobs = os.listdir(log / "sub" / "submitit")
-    assert sum(name.endswith("_result.pkl") for name in jobs) == 2  # one submitit job per search
+    assert sum(name.endswith("_result.pkl") for name in jobs) == 4  # one submitit job per search and training
     assert os.path.getsize(log / "sub" / "pareto.png") > 5000
     # Run again: every search is finished, nothing is submitted, the same rows.
     res = run_script(*SWEEP, "--log_dir", str(log), "--run_name", "sub", "--launcher", "submitit-local")
     assert res.returncode == 0 and res.stdout.count("search already finished, skipped") == 2
+    assert res.stdout.count("training already finished, skipped") == 2
     assert sorted(os.listdir(log / "sub" / "submitit")) == sorted(jobs)
     assert pareto_rows(log / "sub") == rows
 
@@ -181,7 +183,7 @@ def test_a_rerun_waits_for_the_slurm_jobs_still_running(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_multi_process_job_runs_its_search_under_torchrun(tmp_path):
     # --gpus_per_job 2 on a CPU machine: torchrun inside the submitit job, two gloo processes, one search.
-    argv = [("0.5" if a == "0,0.5" else a) for a in SWEEP]
+    argv = [("0.5" if a == "0,0.5" else a) for a in SWEEP[:SWEEP.index("--train")]]
     res = run_script(*argv, "--log_dir", str(tmp_path), "--run_name", "tr", "--launcher", "submitit-local",
                      "--gpus_per_job", "2", "--device", "cpu", timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
