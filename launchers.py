@@ -332,6 +332,17 @@ def remember(folder: str, steps: List[Step], jobs: List[submitit.Job]) -> None:
     utils.atomic_write_json(record_path(folder), {**record, **{s.key: j.job_id for s, j in zip(steps, jobs)}})
 
 
+def submit_array(executor: submitit.Executor, steps: List[Step], phase: str) -> List[submitit.Job]:
+    """One SLURM job array of `steps`; sbatch refusing it (a partition or account the cluster does not know) is
+    one CLIError with sbatch's own words."""
+    try:
+        with executor.batch():
+            return [executor.submit(SubmititStep(s)) for s in steps]
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+        said = [re.sub(r"^sbatch: error:\s*", "", line) for line in str(e).splitlines() if line.strip()]
+        raise CLIError(f"sbatch refused the {phase} jobs: {said[-1] if said else type(e).__name__}") from None
+
+
 def wait(executor: submitit.Executor, steps: List[Step], args: argparse.Namespace,
          phase: str) -> Iterator[Tuple[Step, submitit.Job]]:
     """Submit `steps` and yield (step, job) as each job ends, with a tqdm bar. SLURM: one job array (the
@@ -351,8 +362,7 @@ def wait(executor: submitit.Executor, steps: List[Step], args: argparse.Namespac
         while queue or running:
             with submitit.helpers.environment_variables(**env):
                 if slurm and queue:  # everything at once, as one array
-                    with executor.batch():
-                        jobs = [executor.submit(SubmititStep(s)) for s in queue]
+                    jobs = submit_array(executor, queue, phase)
                     remember(str(executor.folder), queue, jobs)
                     running.update({id(j): (s, j, ()) for s, j in zip(queue, jobs)})
                     queue = []

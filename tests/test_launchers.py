@@ -154,6 +154,18 @@ def test_slurm_submission_is_one_array_built_from_the_flags(tmp_path, monkeypatc
     assert steps[0].argv()[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+def test_sbatch_refusing_the_array_is_one_line(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path, monkeypatch)
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpux' >&2\n"
+                                             "exit 1\n")
+    with pytest.raises(SystemExit) as exc:
+        pareto.main(["--dataset", "digits", "--energy_weights", "0", "--seeds", "0", "--log_dir", str(tmp_path),
+                     "--run_name", "p", "--wandb", "disabled", "--launcher", "slurm", "--slurm_partition", "gpux"])
+    assert exc.value.code == 2
+    one_error_line(capsys.readouterr().err, "invalid partition specified: gpux")
+    assert not os.path.exists(tmp_path / "p" / "submitit" / "jobs.json")
+
+
 def test_a_step_resumes_from_its_checkpoint(tmp_path):
     step = launchers.Step("w0-s0", "search", ["python", "train_search.py", "--seed", "0"], str(tmp_path),
                           str(tmp_path / "w0-s0.out"))
