@@ -202,3 +202,21 @@ def test_a_multi_process_job_runs_its_search_under_torchrun(tmp_path):
     out = open(tmp_path / "tr" / "w0.5-s0.out").read()
     assert "-m torch.distributed.run --standalone --nproc_per_node 2 train_search.py" in out
     assert len(pareto_rows(tmp_path / "tr")) == 1
+
+
+def test_a_failed_submitit_job_is_one_line_naming_its_log_and_skips_its_training(tmp_path):
+    args = pareto.build_parser().parse_known_args(["--launcher", "submitit-local", "--jobs", "2"])[0]
+    launchers.check(args)
+    code = {"ok": "print('searched')", "bad": "import sys; sys.exit(3)"}
+    jobs = [{"name": name} for name in code]
+    asked = []
+
+    def step_of(job, phase):
+        asked.append((job["name"], phase))
+        return launchers.Step(job["name"], phase, [sys.executable, "-c", code[job["name"]]], str(tmp_path),
+                              str(tmp_path / f"{job['name']}.out"))
+
+    lines = list(launchers.run(args, jobs, step_of, str(tmp_path), print))
+    assert lines == ["ok: done", f"bad: search failed (see {tmp_path / 'bad.out'})"]
+    assert asked == [("ok", "search"), ("bad", "search"), ("ok", "training")]  # no training for a failed search
+    assert open(tmp_path / "ok.out").read().count("\nsearched\n") == 2  # its search and its training ran
