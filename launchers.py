@@ -210,11 +210,8 @@ def slurm_extra(items: Optional[Sequence[str]]) -> Dict[str, str]:
 
 
 def _cuda_count() -> int:
-    try:
-        import torch
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 (no CUDA build): no GPU
-        return 0
+    import torch  # here: the job processes import this module and need no torch to start
+    return torch.cuda.device_count()
 
 
 # --------------------------------------------------------------------------------------------------- launch
@@ -264,7 +261,7 @@ def executor_for(args: argparse.Namespace, folder: str) -> submitit.Executor:
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     executor.update_parameters(
         name="pareto", timeout_min=slurm_minutes(d["slurm_time"]), mem_gb=d["slurm_mem_gb"], nodes=1,
-        tasks_per_node=1, gpus_per_node=gpus, cpus_per_task=d["slurm_cpus_per_gpu"] * max(gpus, 1),
+        tasks_per_node=1, gpus_per_node=gpus or None, cpus_per_task=d["slurm_cpus_per_gpu"] * max(gpus, 1),
         slurm_partition=args.slurm_partition, slurm_account=args.slurm_account, slurm_qos=args.slurm_qos,
         slurm_constraint=args.slurm_constraint, slurm_setup=args.slurm_setup,
         slurm_additional_parameters=slurm_extra(args.slurm_extra) or None,
@@ -287,7 +284,8 @@ def run_submitit(args: argparse.Namespace, jobs: List[dict], step_of: NextStep, 
             try:
                 code = job.result()
             except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as e:
-                log(f"{step.name}: submitit job {job.job_id} ended without a result: {str(e).splitlines()[0]}")
+                log(f"{step.name}: submitit job {job.job_id} ended without a result: "
+                    f"{(str(e).splitlines() or [type(e).__name__])[0]}")
                 failed[step.name] = step.failed(str(job.paths.stderr))
                 continue
             if code != 0:
