@@ -220,3 +220,26 @@ def test_a_failed_submitit_job_is_one_line_naming_its_log_and_skips_its_training
     assert lines == ["ok: done", f"bad: search failed (see {tmp_path / 'bad.out'})"]
     assert asked == [("ok", "search"), ("bad", "search"), ("ok", "training")]  # no training for a failed search
     assert open(tmp_path / "ok.out").read().count("\nsearched\n") == 2  # its search and its training ran
+
+
+def test_preemption_stops_the_script_cleanly_and_requeues_the_same_step(tmp_path):
+    """What submitit does on SLURM's USR2 (preemption, time limit): call checkpoint(), requeue what it returns."""
+    import threading
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (print('stopped cleanly', flush=True), sys.exit(143)))\n"
+              "print('ready', flush=True)\ntime.sleep(60)\n")
+    step = launchers.Step("w0-s0", "search", [sys.executable, "-c", script], str(tmp_path), str(tmp_path / "w.out"))
+    job = launchers.SubmititStep(step)
+    codes = []
+    runner = threading.Thread(target=lambda: codes.append(job()))
+    runner.start()
+    t0 = time.time()
+    while "\nready\n" not in (open(step.log).read() if os.path.exists(step.log) else ""):
+        assert time.time() - t0 < 60
+        time.sleep(0.05)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # the run's last epoch checkpoint
+    requeued = job.checkpoint()
+    runner.join(timeout=60)
+    assert codes == [143] and "\nstopped cleanly\n" in open(step.log).read()
+    assert isinstance(requeued.function, launchers.SubmititStep) and requeued.function.step == step
+    assert requeued.function.step.argv()[-2:] == ["--resume", str(tmp_path)]  # the requeued job continues the run
