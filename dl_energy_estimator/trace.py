@@ -239,8 +239,9 @@ def trace(module: nn.Module, input_shape: Sequence[int], registry: dict[type, Ca
 
 
 def autocast_off() -> contextlib.ExitStack:
-    """Autocast off on the CPU and CUDA (fp32 inside any autocast region). A trace started inside an --amp region (an op's first forward) records
-    the fp32 element sizes and kernels the energy model is priced in, so mixed precision changes no estimate."""
+    """Autocast off on the CPU and CUDA (fp32 inside any autocast region). A trace started inside a caller's
+    autocast (an op's first forward under mixed precision) then records the fp32 element sizes and kernels the
+    energy model is priced in, so mixed precision changes no estimate."""
     stack = contextlib.ExitStack()
     for kind in ("cpu", "cuda"):
         if kind == "cpu" or torch.cuda.is_available():
