@@ -44,7 +44,7 @@ class EpochRunner:
         self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
         utils.set_threads(self.device, args.threads)
         utils.set_seed(args.seed)  # the same seed on every rank: identical initial weights (and alphas)
-        self.deterministic = utils.set_deterministic(args.deterministic, self.device)
+        utils.set_deterministic(args.deterministic, self.device)  # --deterministic: on for CPU runs, off on CUDA
         self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
         self.start_epoch, self.best_valid_acc, self.wall_s = 0, -1.0, 0.0
         self.wandb_id: Optional[str] = None
