@@ -8,6 +8,7 @@ energy_normalized = (E(alpha) - E_min) / (E_max - E_min) in [0, 1] (see model_se
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -15,15 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from dl_energy_estimator.trace import autocast_off
+
 
 class Architect:
     """Adam on the alphas (betas (0.5, 0.999)), as DARTS; `unrolled` for the second-order step."""
 
     def __init__(self, model, arch_learning_rate: float = 3e-4, arch_weight_decay: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 3e-4, task_weight: float = 0.9,
-                 energy_weight: float = 0.05, unrolled: bool = False, grad_hook=None) -> None:
+                 energy_weight: float = 0.05, unrolled: bool = False, grad_hook=None,
+                 autocast=contextlib.nullcontext) -> None:
         self.model = model
-        self.grad_hook = grad_hook  # sees the alphas' gradients before Adam's step (torchrun: averages them)
+        # Sees gradients before they are used (torchrun: averages them across ranks): the alphas' before Adam's
+        # step, and in the unrolled step the inner gradients w' and the Hessian-vector product are built from.
+        self.grad_hook = grad_hook
+        self.autocast = autocast  # --amp: the context of the first-order step's forward and loss
         self.network_momentum = momentum
         self.network_weight_decay = weight_decay
         self.task_weight = task_weight
@@ -61,9 +68,11 @@ class Architect:
         """One update of the alphas; `eta` is the weights' current learning rate (used by the unrolled step)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.unrolled:
-            loss = self._backward_unrolled(x_train, y_train, x_valid, y_valid, eta, network_optimizer)
+            with autocast_off():  # finite differences of size ~1e-2/||v|| do not survive bf16, whatever --amp says
+                loss = self._backward_unrolled(x_train, y_train, x_valid, y_valid, eta, network_optimizer)
         else:
-            loss = self._val_loss(self.model(x_valid), y_valid)
+            with self.autocast():
+                loss = self._val_loss(self.model(x_valid), y_valid)
             grads = torch.autograd.grad(loss, self.model.arch_parameters())
             for p, g in zip(self.model.arch_parameters(), grads):
                 p.grad = g
@@ -87,7 +96,7 @@ class Architect:
         named = self._weights()
         params = [p for _, p in named]
         logits, _ = self.model(x)
-        grads = torch.autograd.grad(F.cross_entropy(logits, y), params, allow_unused=True)
+        grads = self._shared(torch.autograd.grad(F.cross_entropy(logits, y), params, allow_unused=True))
         out = {}
         for (name, p), g in zip(named, grads):
             d = (g if g is not None else torch.zeros_like(p)) + self.network_weight_decay * p.detach()
@@ -107,10 +116,19 @@ class Architect:
         grads = torch.autograd.grad(loss, arch + [w_prime[n] for n in names], allow_unused=True)
         dalpha = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads[:len(arch)], arch)]
         vector = [g if g is not None else torch.zeros_like(w_prime[n]) for g, n in zip(grads[len(arch):], names)]
+        vector = self._shared(vector)
         implicit = self.hessian_vector_product(vector, x_train, y_train)
         for a, g, ig in zip(arch, dalpha, implicit):
             a.grad = g - eta * ig
         return loss.detach()
+
+    def _shared(self, grads) -> list:
+        """Inner gradients of the unrolled step as every rank must use them: under torchrun averaged across ranks
+        (`grad_hook`), so w' and the Hessian-vector product are those of the global batch; as they are otherwise."""
+        grads = list(grads)
+        if self.grad_hook is not None:
+            self.grad_hook(grads)
+        return grads
 
     def hessian_vector_product(self, vector: List[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                                r: float = 1e-2) -> List[torch.Tensor]:

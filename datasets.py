@@ -172,10 +172,19 @@ def targets_of(ds: Dataset) -> np.ndarray:
     return np.asarray([ds[i][1] for i in range(len(ds))])
 
 
-def _loader(ds, batch_size: int, workers: int, device, sampler=None, shuffle: bool = False, drop_last=False):
+def _loader(ds, batch_size: int, workers: int, device, sampler=None, shuffle: bool = False, drop_last=False,
+            random: bool = True):
+    """A DataLoader whose draws a resume reproduces. Every iterator draws its workers' base seed from the torch
+    RNG (the checkpoint restores it), so a loader that draws (`random`: shuffling, augmentation) starts its workers
+    afresh each epoch: a resumed run then sees the same samples and augmentations as an uninterrupted one (with
+    persistent workers the streams of the epochs before a resume would be lost). A loader that draws nothing
+    (evaluation) keeps its workers, and its seed comes from a generator of its own, so that building its iterator
+    once, at whichever epoch, never moves the run's RNG."""
     from torch.utils.data import DataLoader
+    keep = workers > 0 and not random
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers,
-                      pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0)
+                      pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=keep,
+                      generator=torch.Generator().manual_seed(0) if keep else None)
 
 
 def search_loaders(train_data, args, device):
@@ -221,10 +230,10 @@ def eval_loaders(train_data, plain_train, test_data, args, device):
                                           stratify=targets_of(train_data))
         train_data = Subset(train_data, sorted(tr_idx.tolist()))
         valid = Subset(plain_train, sorted(va_idx.tolist()))
-        valid = _loader(valid, args.batch_size, args.workers, device, _shard(valid))
+        valid = _loader(valid, args.batch_size, args.workers, device, _shard(valid), random=False)
     sampler = distributed.train_sampler(train_data, args.seed)  # None without torchrun
     train = _loader(train_data, args.batch_size, args.workers, device, sampler, shuffle=sampler is None)
-    test = _loader(test_data, args.batch_size, args.workers, device, _shard(test_data))
+    test = _loader(test_data, args.batch_size, args.workers, device, _shard(test_data), random=False)
     return train, valid, test
 
 

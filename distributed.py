@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -19,6 +19,7 @@ from torch.utils.data import Sampler
 from cliargs import positive_float
 
 DEFAULT_TIMEOUT_S = 1800
+T = TypeVar("T")
 
 
 class DivergenceError(RuntimeError):
@@ -99,6 +100,25 @@ def average_(tensors: Sequence[Optional[torch.Tensor]]) -> None:
         if t is not None:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
             t.div_(ws)
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's `obj` (picklable, small: RNG states), in rank order, on every rank; [obj] without torchrun."""
+    if not enabled():
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """`fn()` run on rank 0 only (it reads rank 0's files), its result broadcast to every rank: the other ranks
+    wait for it, so none reads a file rank 0 has not written (or that is on another node's disk)."""
+    if not enabled():
+        return fn()
+    box = [fn() if is_main() else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def average_metrics(metrics: Dict[str, float], count: int) -> Dict[str, float]:

@@ -19,7 +19,7 @@ import functools
 from derivation import derivable, derive, derive_genotype, guard_derivation  # noqa: F401 (re-exported)
 from genotypes import Genotype
 from layout import BatchNorm2d, LayoutMixin, like
-from operations import OPS, POOLS, FactorizedReduce, ReLUConvBN, attach_estimator
+from operations import POOLS, FactorizedReduce, ReLUConvBN, attach_estimator, build_op
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -45,9 +45,9 @@ class MixedOp(nn.Module):
         self._ops = nn.ModuleList()
         self._post = nn.ModuleDict()  # BN(affine=False) after pools, as in DARTS's supernet; not priced
         for i, name in enumerate(self.primitives):
-            op = OPS[name](width, stride, False)
+            op = build_op(name, width, stride, False)
             if self.k > 1:  # price the op at the full width it will have in the derived network
-                op.priced_as = functools.partial(OPS[name], C, stride, False)
+                op.priced_as = functools.partial(build_op, name, C, stride, False)
             self._ops.append(op)
             if name in POOLS and pool_bn:
                 self._post[str(i)] = BatchNorm2d(width, affine=False)

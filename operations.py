@@ -1,9 +1,14 @@
 """Candidate operations of the DARTS search space, one registry `OPS`: name -> factory(C, stride, affine).
 
-Every op is an `EnergyOp`: it carries `energy` (J per sample, 0.0 until known) and `energy_flag` (0, then 1).
-On its first forward it asks the energy estimator that the network handed it (`op.estimator`) for its energy at
-the deployment shape `(estimator.batch_size, C, H, W)` and caches the answer; it asks again only when the
+Every op of the supernet is an `EnergyOp`: it carries `energy` (J per sample, 0.0 until known) and `energy_flag`
+(0, then 1). On its first forward it asks the energy estimator that the network handed it (`op.estimator`) for its
+energy at the deployment shape `(estimator.batch_size, C, H, W)` and caches the answer; it asks again only when the
 per-sample input shape changes. Ops never import the estimator: the network sets it (see `attach_estimator`).
+
+Adding an op: put a factory `(C, stride, affine) -> nn.Module` into `OPS`. The module may be an `EnergyOp` (write
+`compute(x)`, or override `forward(x)`: the energy is tracked by a forward pre-hook, so it is priced either way) or
+any plain `nn.Module`: `build_op` wraps it in `Priced`, which prices it like the others. A factory that builds no
+module is refused when the supernet is built, with one line naming it.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cliargs import CLIError
 from layout import BatchNorm2d
 
 
@@ -30,9 +36,10 @@ class EnergyOp(nn.Module):
         self.priced_as: Optional[Callable[[], nn.Module]] = None
         self._energy_shape: Optional[Tuple[int, ...]] = None
         self._estimating = False
+        # In __call__, before any forward: a subclass that overrides forward() instead of compute() is priced too.
+        self.register_forward_pre_hook(_track_energy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.track_energy(x)
         return self.compute(x)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -63,6 +70,41 @@ class EnergyOp(nn.Module):
             return self
         with torch.random.fork_rng(devices=[]):
             return self.priced_as()
+
+
+def _track_energy(op: "EnergyOp", args) -> None:
+    if args:
+        op.track_energy(args[0])
+
+
+class Priced(EnergyOp):
+    """A plain `nn.Module` op from `OPS`, priced like every EnergyOp (its layers are traced on its first forward)."""
+
+    def __init__(self, op: nn.Module, C: int) -> None:
+        super().__init__()
+        self.op = op
+        self.in_channels = C
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+def build_op(name: str, C: int, stride: int, affine: bool) -> EnergyOp:
+    """`OPS[name](C, stride, affine)` as an EnergyOp (a plain module wrapped in `Priced`); a factory that fails or
+    builds no module is a CLIError naming the op."""
+    try:
+        op = OPS[name](C, stride, affine)
+    except TypeError as e:
+        raise CLIError(f"op {name!r} in OPS cannot be built as factory(C, stride, affine) ({e}); write its entry as "
+                       f"lambda C, stride, affine: MyOp(...)") from None
+    if not isinstance(op, nn.Module):
+        raise CLIError(f"op {name!r} in OPS built a {type(op).__name__}, not an nn.Module; its factory must return "
+                       f"a module (an EnergyOp or any nn.Module)")
+    if not isinstance(op, EnergyOp):
+        return Priced(op, C)
+    if not hasattr(op, "in_channels"):  # what the partial-channel pricing reads
+        op.in_channels = C
+    return op
 
 
 def attach_estimator(module: nn.Module, estimator) -> None:

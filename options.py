@@ -99,8 +99,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def add_speed_args(p: argparse.ArgumentParser) -> None:
     """Flags that trade reproducibility or start-up time for speed (bench/README.md has the measurements)."""
     p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast (and cudnn.benchmark on CUDA): faster on GPUs, results not bitwise "
-                        "reproducible")
+                   help="bf16 autocast around each forward and loss (the weights stay fp32; the unrolled step and "
+                        "the energy estimates run in fp32): faster on GPUs, results not bitwise reproducible")
+    p.add_argument("--deterministic", choices=["auto", "on", "off"], default="auto",
+                   help="deterministic cuDNN kernels; auto = on for CPU runs (bitwise reproducible), off on CUDA "
+                        "(cudnn.benchmark picks the fastest kernels)")
     p.add_argument("--threads", type=nonneg_int, default=None,
                    help="CPU threads of torch (0: torch's default; digits trains with 1: 8x8 images gain nothing "
                         "from more)")

@@ -44,6 +44,7 @@ class EpochRunner:
         self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
         utils.set_threads(self.device, args.threads)
         utils.set_seed(args.seed)  # the same seed on every rank: identical initial weights (and alphas)
+        utils.set_deterministic(args.deterministic, self.device)  # --deterministic: on for CPU runs, off on CUDA
         self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
         self.start_epoch, self.best_valid_acc, self.wall_s = 0, -1.0, 0.0
         self.wandb_id: Optional[str] = None
@@ -101,15 +102,19 @@ class EpochRunner:
     def epoch_line(self, row: Dict[str, Any]) -> str:
         return f"epoch {row['epoch']}/{self.args.epochs}"
 
+    def autocast(self):
+        """The mixed-precision context of one forward and its loss (`--amp`; a no-op context without it)."""
+        return utils.autocast(self.device, self.args.amp)
+
     def checked_tensors(self) -> List[torch.Tensor]:
         """What every torchrun rank must hold identically after an epoch."""
         return list(self.model.parameters())
 
     # ---------------------------------------------------------------------------------------- checkpoint
-    def state(self, epoch: int) -> Dict[str, Any]:
+    def state(self, epoch: int, rng: Dict[str, Any]) -> Dict[str, Any]:
         return {"epoch": epoch, "args": vars(self.args), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": utils.rng_state(), "best_valid_acc": self.best_valid_acc, "wandb_id": self.wandb_id,
+                "rng": rng, "best_valid_acc": self.best_valid_acc, "wandb_id": self.wandb_id,
                 "wall_s": self.wall_s, "stopped_early": self.stopped_early, **self.extra_state()}
 
     def restore(self, ckpt: Dict[str, Any], explicit: set) -> None:
@@ -153,8 +158,10 @@ class EpochRunner:
         second = None
         for x, y in queue:
             x, y = x.to(self.device), y.to(self.device)
-            logits, second = self.model(x)
-            loss_m.update(torch.nn.functional.cross_entropy(logits, y).item(), y.size(0))
+            with self.autocast():
+                logits, second = self.model(x)
+                loss = torch.nn.functional.cross_entropy(logits, y)
+            loss_m.update(loss.item(), y.size(0))
             a1, a5 = utils.accuracy(logits, y, (1, 5))
             top1.update(a1, y.size(0))
             top5.update(a5, y.size(0))
@@ -167,27 +174,26 @@ class EpochRunner:
         """The epochs from `start_epoch`; every epoch ends with its metrics row, files and checkpoint."""
         a = self.args
         if self.pending_rng is not None:
-            utils.set_rng_state(self.pending_rng)
+            utils.set_rng_state(self.pending_rng, self.device)
         for epoch in range(self.start_epoch, a.epochs):
             t0 = time.time()
             lr = self.optimizer.param_groups[0]["lr"]  # read before scheduler.step(): no off-by-one epoch
             row: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **self.before_epoch(epoch)}
-            with utils.autocast(self.device, a.amp):
-                row.update(self.train_epoch(epoch, lr, control))
+            row.update(self.train_epoch(epoch, lr, control))  # --amp: autocast around each forward (train_step)
             if control.stop_requested:
                 self.log.info(runs.stopped_message(control.signal_name, epoch, self.run_dir))
                 return {"stopped": True}
             distributed.check_same(self.checked_tensors(), "the weights")  # torchrun: ranks must agree
-            with utils.autocast(self.device, a.amp):
-                row.update(self.evaluate())
+            row.update(self.evaluate())
             self.scheduler.step()
             self.stopped_early = self.after_epoch(epoch, row)
             row["epoch_s"] = time.time() - t0
             self.wall_s += row["epoch_s"]
+            rng = utils.rng_state(self.device)  # torchrun: every rank's streams (a collective), saved by rank 0
             if distributed.is_main():  # torchrun: only rank 0 writes files
                 utils.append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), row)
                 tracker.log({**row, **self.write_epoch(row)}, step=epoch + 1)
-                runs.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), self.script, self.state(epoch))
+                runs.save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), self.script, self.state(epoch, rng))
             self.log.info(self.epoch_line(row))
             if self.stopped_early:
                 break

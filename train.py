@@ -179,10 +179,11 @@ class Trainer(EpochRunner):
 
     def train_step(self, x, y, epoch: int, lr: float, check):
         self.optimizer.zero_grad(set_to_none=True)
-        logits, logits_aux = (self.ddp or self.model)(x)  # DDP averages the gradients across ranks (torchrun)
-        loss = self.criterion(logits, y)
-        if logits_aux is not None:
-            loss = loss + self.args.auxiliary_weight * self.criterion(logits_aux, y)
+        with self.autocast():  # --amp: this forward and its loss only (backward and step outside it)
+            logits, logits_aux = (self.ddp or self.model)(x)  # DDP averages the gradients across ranks (torchrun)
+            loss = self.criterion(logits, y)
+            if logits_aux is not None:
+                loss = loss + self.args.auxiliary_weight * self.criterion(logits_aux, y)
         check(loss.item(), "training loss")
         loss.backward()
         clip = self.args.grad_clip or math.inf  # NB201's protocol does not clip: the norm is still checked
@@ -213,7 +214,7 @@ class Trainer(EpochRunner):
 
     def finish(self, tracker) -> None:
         args, rep = self.args, self.report
-        last = runs.last_row(self.run_dir)
+        last = distributed.from_main(lambda: runs.last_row(self.run_dir))  # torchrun: rank 0's file, sent to all
         summary = {"params": rep.params, "macs": rep.macs, "energy_mj": rep.energy_mj,
                    "test_acc": last.get("test_acc"), "seed": args.seed, "wall_s": self.wall_s,
                    "epochs": args.epochs, "genotype": self.space.to_dict(self.genotype),

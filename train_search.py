@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -28,7 +29,6 @@ from model import network_report
 from runner import EpochRunner, launch
 import search_control
 import spaces
-from search_control import BudgetController, CollapseStopper
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,14 +62,13 @@ def resolve(args: argparse.Namespace) -> None:
     search_control.check_args(args, space.guarded_ops)
 
 
-def weight_step(model, params, optimizer, x, y, grad_clip: float, check=lambda value, what: None, ddp=None):
-    """One SGD step of the supernet's weights on a training batch; returns (logits, loss).
-
-    Gradients are taken for the weights only (the alphas' gradient is not needed here, which saves backward
-    work); `check(value, what)` sees the loss and the gradient norm before the step is taken. `ddp`: the model
-    wrapped in DistributedDataParallel (torchrun), whose reducer averages the gradients across ranks."""
-    logits, _ = (ddp or model)(x)
-    loss = F.cross_entropy(logits, y)
+def weight_step(model, params, optimizer, x, y, grad_clip, check=lambda v, w: None, ddp=None, autocast=nullcontext):
+    """One SGD step of the weights on a training batch; returns (logits, loss). Gradients for the weights only (less
+    backward work); `check(value, what)` sees the loss and gradient norm before the step; `ddp`: the model in DDP
+    (torchrun: its reducer averages the gradients); `autocast`: the context of this forward and loss (--amp)."""
+    with autocast():
+        logits, _ = (ddp or model)(x)
+        loss = F.cross_entropy(logits, y)
     check(loss.item(), "training loss")
     if ddp is None:
         grads = torch.autograd.grad(loss, params)
@@ -108,9 +107,10 @@ class Search(EpochRunner):
                                                                     eta_min=a.learning_rate_min)
         self.architect = Architect(self.model, a.arch_learning_rate, a.arch_weight_decay, a.momentum,
                                    a.weight_decay, a.task_weight, a.energy_weight, a.unrolled,
-                                   grad_hook=distributed.average_ if distributed.enabled() else None)
-        self.stopper = CollapseStopper(patience=a.patience) if a.early_stop else None
-        self.budget = BudgetController(a.energy_budget, a.budget_rate) if a.energy_budget else None
+                                   grad_hook=distributed.average_ if distributed.enabled() else None,
+                                   autocast=self.autocast)
+        self.stopper = search_control.CollapseStopper(patience=a.patience) if a.early_stop else None
+        self.budget = search_control.BudgetController(a.energy_budget, a.budget_rate) if a.energy_budget else None
         self._costs = None
         self.benchmark = benchmark.load_table(a.benchmark) if a.benchmark else None
 
@@ -133,7 +133,8 @@ class Search(EpochRunner):
             if self.budget is not None:
                 self.architect.energy_weight = self.budget.update(self.cell_costs().total(self.guarded()))
             check(self.architect.step(x, y, xv, yv, lr, self.optimizer), "architecture loss")
-        return weight_step(self.model, self.weights, self.optimizer, x, y, self.args.grad_clip, check, ddp=self.ddp)
+        return weight_step(self.model, self.weights, self.optimizer, x, y, self.args.grad_clip, check, self.ddp,
+                           self.autocast)
 
     def next_valid(self):
         try:
@@ -156,7 +157,7 @@ class Search(EpochRunner):
         self.epoch_genotype = self.project(guarded, actions)
         self.log.info("\n".join(actions)) if actions else None
         row.update(guard_actions=len(actions),
-                   unguarded_normal_skip=CollapseStopper.skips(self.space.collapse_view(unguarded)))
+                   unguarded_normal_skip=search_control.CollapseStopper.skips(self.space.collapse_view(unguarded)))
         if self.budget is not None:  # where the search itself stands, before the projection onto the budget
             row.update(budget_lambda=self.budget.lam, unprojected_energy_mj=self.cell_costs().total(guarded))
         self.alphas = self.model.softmaxed_alphas()
@@ -273,7 +274,7 @@ class Search(EpochRunner):
         """The network train.py builds from the written genotype: size and energy, logged and to wandb."""
         a, info = self.args, self.info
         path = os.path.join(self.run_dir, "genotype.json")
-        genotype = self.space.load(path)[0]
+        genotype = self.space.from_dict(distributed.from_main(lambda: self.space.to_dict(self.space.load(path)[0])))
         report = network_report(self.space.network(genotype, a.eval_channels, info, a.eval_layers).eval(),
                                 self.estimator, info)
         self.log.info(f"search done in {self.wall_s:.1f} s; derived genotype = {self.space.describe(genotype)}")

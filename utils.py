@@ -77,25 +77,32 @@ def compile_cells(model: torch.nn.Module) -> None:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on `device` when enabled (a no-op context otherwise)."""
-    if enabled and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    """bf16 autocast on `device` when enabled (a no-op context otherwise). Open it around one forward and its loss,
+    never around a loop: autocast caches the bf16 copy of every weight until the context exits, so a context over
+    many optimizer steps keeps computing with the first step's weights."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ----------------------------------------------------------------------------------------- seeds and device
 
 
-def set_seed(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and torch; deterministic kernels so CPU runs are bitwise reproducible."""
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (every CUDA device too)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+
+
+def set_deterministic(choice: str, device: torch.device) -> bool:
+    """`--deterministic auto|on|off`: auto is on for CPU runs (bitwise reproducible) and off on CUDA, where
+    `cudnn.benchmark` picks the fastest kernels (results then vary in the last bits from run to run). Returns
+    whether deterministic kernels are on."""
+    on = choice == "on" or (choice == "auto" and device.type != "cuda")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+    return on
 
 
 def resolve_device(name: str, gpu: int = 0) -> torch.device:
@@ -112,26 +119,54 @@ def resolve_device(name: str, gpu: int = 0) -> torch.device:
     return torch.device("cuda", gpu)
 
 
-def rng_state() -> Dict[str, Any]:
-    """All RNG states as tensors and plain Python values (loadable with weights_only=True)."""
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """This process's RNG states (Python, NumPy, torch's CPU generator and that of `device` when it is a GPU), as
+    tensors and plain values (loadable with weights_only=True). Under torchrun every rank calls it: the states of
+    all ranks come back (on every rank) under "ranks", rank 0's also at the top level, so each rank resumes its own
+    streams (augmentation, drop path). With `set_rng_state` the one pair that writes and reads the "rng" entry."""
+    import distributed
     np_state = np.random.get_state()
-    state = {
+    state: Dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # only the device in use: a resume on fewer GPUs has its state
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if distributed.enabled():
+        ranks = distributed.all_gather_objects(state)
+        state = {**ranks[0], "ranks": ranks}
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(_tuples(state["python"]))
-    name, keys, *rest = state["numpy"]
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` saved: this rank's own states when the run saved one per rank (else the top level,
+    e.g. a run saved by one process), and the GPU state only on a GPU. Older checkpoints held every visible GPU's
+    state (a list): the one of this device's index is used, or the first when this machine has fewer."""
+    import distributed
+    ranks = state.get("ranks")
+    rank = distributed.rank()
+    mine = ranks[rank] if isinstance(ranks, list) and rank < len(ranks) else state
+    random.setstate(_tuples(mine["python"]))
+    name, keys, *rest = mine["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(mine["torch"])
+    cuda = device_rng(mine.get("cuda"), device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def device_rng(saved: Any, device: torch.device) -> Optional[torch.Tensor]:
+    """The saved GPU generator state for `device`: None on the CPU or when none was saved; from a list of
+    per-GPU states (older checkpoints) the entry of the device's index, or the first if the list is shorter."""
+    if device.type != "cuda" or saved is None:
+        return None
+    if isinstance(saved, (list, tuple)):
+        if not saved:
+            return None
+        index = device.index or 0
+        return saved[index] if index < len(saved) else saved[0]
+    return saved
 
 
 def _tuples(x):

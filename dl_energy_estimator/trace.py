@@ -11,7 +11,7 @@
   whole-model trace runs): only the innermost active tracer records.
 
 The module is put in eval() for the pass (each submodule's mode restored afterwards), under ``torch.no_grad()``:
-no gradients, no BatchNorm running-stat updates.
+no gradients, no BatchNorm running-stat updates; autocast is off (fp32, whatever the caller's mixed precision).
 
 Every feature of the layers this package knows is affine in the batch size (activations scale with it, weights
 and kernel calls do not), so a deployment batch above 3 is not allocated: the module is traced at batches 1, 2
@@ -21,6 +21,7 @@ traced at the batch itself; if that cannot be allocated, :class:`EnergyMemoryErr
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any, Callable, Sequence
@@ -237,6 +238,17 @@ def trace(module: nn.Module, input_shape: Sequence[int], registry: dict[type, Ca
     return _trace(module, shape, registry)
 
 
+def autocast_off() -> contextlib.ExitStack:
+    """Autocast off on the CPU and CUDA (fp32 inside any autocast region). A trace started inside a caller's
+    autocast (an op's first forward under mixed precision) then records the fp32 element sizes and kernels the
+    energy model is priced in, so mixed precision changes no estimate."""
+    stack = contextlib.ExitStack()
+    for kind in ("cpu", "cuda"):
+        if kind == "cpu" or torch.cuda.is_available():
+            stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
+
+
 def _trace(module: nn.Module, shape: tuple[int, ...], registry: dict[type, Callable]) -> list[LayerFeatures]:
     device, dtype = _device_dtype(module)
     check_fits(shape, torch.empty((), dtype=dtype).element_size())
@@ -248,7 +260,7 @@ def _trace(module: nn.Module, shape: tuple[int, ...], registry: dict[type, Calla
         module.eval()
         if device.type == "cpu" and threads > 1:
             torch.set_num_threads(1)  # small batch-1 kernels: OpenMP barriers only add latency (ms on busy hosts)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off():
             _stack().append(tracer)
             try:
                 x = torch.zeros(shape, device=device, dtype=dtype)

@@ -162,3 +162,92 @@ runs.save_checkpoint(path, "train", {{"epoch": 1, "w": torch.zeros(3)}})
     assert "checkpoint.pt" in left and len(left) == 2 and left[0].startswith(".checkpoint.pt.")  # the orphan temp
     c = runs.load_checkpoint(str(tmp_path), "train")  # the folder resolves to checkpoint.pt, never the temp
     assert c["epoch"] == 0 and torch.equal(c["w"], torch.ones(3))
+
+
+# ----------------------------------------------------------------------------------- RNG: per device, per rank
+
+def fabricated_rng(cuda_states: int, ranks: int = 0):
+    """A checkpoint's "rng" as an 8-GPU (or N-rank) run saved it, made here: the CPU streams of seeds 1, 2, ...
+    and `cuda_states` fake GPU states."""
+    states = []
+    for r in range(max(ranks, 1)):
+        utils.set_seed(100 + r)
+        state = utils.rng_state(torch.device("cpu"))
+        if cuda_states:
+            state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(cuda_states)]
+        states.append(state)
+    return {**states[0], "ranks": states} if ranks else states[0]
+
+
+def test_rng_saved_with_8_gpus_restores_on_the_cpu_and_on_one_gpu(monkeypatch):
+    saved = fabricated_rng(cuda_states=8)
+    utils.set_seed(0)
+    utils.set_rng_state(saved, torch.device("cpu"))  # 8 CUDA states, none on this machine: no IndexError
+    utils.set_seed(100)
+    expected = torch.rand(3)
+    utils.set_seed(0)
+    utils.set_rng_state(saved, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state[0].item(), device)))
+    utils.set_rng_state(saved, torch.device("cuda", 0))  # one GPU visible: its own state, index 0
+    utils.set_rng_state(saved, torch.device("cuda", 11))  # an index the run never had: the first state
+    utils.set_rng_state({**saved, "cuda": torch.full((16,), 5, dtype=torch.uint8)}, torch.device("cuda", 3))
+    assert restored == [(0, torch.device("cuda", 0)), (0, torch.device("cuda", 11)), (5, torch.device("cuda", 3))]
+    assert utils.device_rng(saved["cuda"], torch.device("cuda", 2))[0] == 2
+
+
+def test_each_rank_restores_its_own_streams(monkeypatch):
+    import distributed
+    saved = fabricated_rng(cuda_states=0, ranks=2)
+    draws = []
+    for rank in (0, 1, 2):  # rank 2: a resume on more ranks than saved takes rank 0's (the top level)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        utils.set_rng_state(saved, torch.device("cpu"))
+        draws.append(torch.rand(2))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+    utils.set_seed(101)
+    assert torch.equal(torch.rand(2), draws[1])
+
+
+def test_loaders_with_workers_resume_exactly():
+    """With data-loader workers, a resumed epoch draws the same samples and augmentations: the training loaders
+    start their workers each epoch from the restored RNG, and evaluating (persistent workers, own seed) moves
+    nothing."""
+    import argparse
+    from datasets import eval_loaders, search_loaders
+    from torch.utils.data import Dataset
+
+    class Noisy(Dataset):  # an "augmentation" from every RNG a transform may use
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            import numpy as np
+            import random
+            return torch.tensor([i, torch.rand(()).item(), float(np.random.rand()), random.random()]), i % 2
+
+    args = argparse.Namespace(train_portion=0.5, batch_size=4, workers=2, seed=0, valid_portion=None)
+    cpu = torch.device("cpu")
+
+    def epoch(loaders):
+        return torch.cat([torch.cat([x for x, _ in q]) for q in loaders])
+
+    def run(resume_at=None):
+        utils.set_seed(0)
+        train, valid = search_loaders(Noisy(), args, cpu)
+        test = eval_loaders(Noisy(), None, Noisy(), args, cpu)[2]
+        seen, saved = [], None
+        for e in range(3):
+            if e == resume_at:  # a fresh process: new loaders, the RNG of the checkpoint
+                utils.set_seed(0)
+                train, valid = search_loaders(Noisy(), args, cpu)
+                test = eval_loaders(Noisy(), None, Noisy(), args, cpu)[2]
+                utils.set_rng_state(saved, cpu)
+            seen.append(epoch([train, valid]))
+            epoch([test])
+            saved = utils.rng_state(cpu)
+        return seen
+    full, resumed = run(), run(resume_at=2)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
+    assert not torch.equal(full[1], full[2])
