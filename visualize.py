@@ -16,7 +16,7 @@ import genotypes as G
 import options
 import spaces
 import utils
-from cliargs import CLIError, fail, positive_int
+from cliargs import CLIError, energy_batch_int, fail, size_int
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -29,10 +29,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: beside the genotype file)")
     p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"])
     p.add_argument("--dataset", default=None, help="data set of the network (default: the genotype's, or cifar10)")
-    p.add_argument("--init_channels", type=positive_int, default=None)
-    p.add_argument("--layers", type=positive_int, default=None)
+    p.add_argument("--init_channels", type=size_int, default=None)
+    p.add_argument("--layers", type=size_int, default=None)
     p.add_argument("--energy_model", default=None)
-    p.add_argument("--energy_batch_size", type=positive_int, default=None)
+    p.add_argument("--energy_batch_size", type=energy_batch_int, default=None)
     args = p.parse_args(argv)
     try:
         if bool(args.genotype) == bool(args.arch):
