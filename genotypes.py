@@ -87,6 +87,9 @@ def named_genotype(name: str) -> Genotype:
         raise GenotypeError(f"unknown genotype name {name!r}; known: {', '.join(NAMED_GENOTYPES)}") from None
 
 
+MAX_NODES = 16  # intermediate nodes of a cell (DARTS: 4); far more only makes a network nothing can draw or train
+
+
 def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
     """Check ops exist and every input index points to an earlier node; returns a normalized Genotype."""
     cells = {}
@@ -95,6 +98,9 @@ def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
         concat = getattr(genotype, f"{kind}_concat")
         if not isinstance(pairs, (list, tuple)) or not pairs or len(pairs) % 2:
             raise GenotypeError(f"{where}: '{kind}' must be a non-empty list of [op, input] pairs, two per node")
+        if len(pairs) > 2 * MAX_NODES:
+            raise GenotypeError(f"{where}: '{kind}' has {len(pairs)} edges; a cell has at most {MAX_NODES} nodes "
+                                f"({2 * MAX_NODES} edges; DARTS's have 4 nodes)")
         clean = []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -112,6 +118,8 @@ def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
         if (not isinstance(concat, (list, tuple, range)) or not concat
                 or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < steps + 2 for c in concat)):
             raise GenotypeError(f"{where}: '{kind}_concat' must list node indices in 0..{steps + 1}")
+        if len(set(concat)) != len(concat):
+            raise GenotypeError(f"{where}: '{kind}_concat' {list(concat)} repeats a node; list each node once")
         cells[kind] = (clean, list(concat))
     return Genotype(cells["normal"][0], cells["normal"][1], cells["reduce"][0], cells["reduce"][1])
 
@@ -180,6 +188,10 @@ def load_with_meta(path: str):
         primitives = jsonfile.get(data, "primitives", list, where, None)
         for i, p in enumerate(primitives or []):
             jsonfile.expect(p, str, f"{where}: primitives[{i}]")
+        unlisted = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(primitives or OPS))
+        if unlisted:
+            raise GenotypeError(f"{where}: uses {', '.join(unlisted)}, which its 'primitives' {primitives} do not "
+                                f"list; the file is damaged or was edited by hand")
         for key, types in META_TYPES.items():
             if meta.get(key) is not None:
                 jsonfile.expect(meta[key], types, f"{where}: meta '{key}'")

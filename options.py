@@ -183,6 +183,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="hold out this part of the training split to choose the best checkpoint")
     p.add_argument("--report", action="store_true", help="print params, MACs and energy, then exit")
     p.add_argument("--json", default=None, help="with --report: also write the report as JSON here")
+    p.add_argument("--force", action="store_true", help="with --json: overwrite an existing file (never one of a "
+                                                        "run folder)")
     p.add_argument("--measure_energy", action="store_true",
                    help="with --report: measure the real inference energy on this device beside the estimate")
     p.add_argument("--weights", default=None, help="with --measure_energy: weights to load (a weights .pt)")

@@ -134,6 +134,16 @@ class RunFolder:
         self.created = None
 
 
+def check_output_file(path: Optional[str], flag: str, force: bool = False) -> str:
+    """`path` if a script may write its `flag` output there (`output_file_problem`), else a CLIError: never a
+    file of a run folder, an existing file only with --force, never empty. Checked before any work starts."""
+    from dl_energy_estimator.runner import output_file_problem
+    problem = output_file_problem(path, flag, force)
+    if problem:
+        raise CLIError(problem)
+    return path
+
+
 def check_log_dir(log_dir: str) -> None:
     """`--log_dir` names a folder: not empty (the current folder would fill with runs), not a file."""
     if not isinstance(log_dir, str) or not log_dir.strip():
