@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .defaults import FAMILIES
+from .runner import MAX_BATCH, MAX_JOULES_PER_SAMPLE
 from .schema import ANY, INT, NUM, STR, check_types, read_json
 
 FORMAT = 1
@@ -150,8 +151,8 @@ def read_measurements(path: str) -> tuple[list[dict[str, np.ndarray]], np.ndarra
             fail(f"missing key {k!r}")
     if not doc["items"]:
         fail("holds no items")
-    if doc["batch_size"] < 1:
-        fail(f"batch_size must be >= 1, got {doc['batch_size']}")
+    if not 1 <= doc["batch_size"] <= MAX_BATCH:
+        fail(f"batch_size must be an integer in [1, {MAX_BATCH}], got {doc['batch_size']}")
     feats, y = [], []
     for i, it in enumerate(doc["items"]):
         for k in ("features", "joules"):
@@ -160,9 +161,28 @@ def read_measurements(path: str) -> tuple[list[dict[str, np.ndarray]], np.ndarra
         j = it["joules"]
         if j is None or not j > 0:
             fail(f"items[{i}].joules must be a positive number, got {j!r}")
+        if j > MAX_JOULES_PER_SAMPLE:
+            fail(f"items[{i}].joules {j:.3g} J per sample is absurd (more than {MAX_JOULES_PER_SAMPLE:g} J); the "
+                 f"counter's unit was likely wrong")
         feats.append(_features(it["features"], f"{path}: items[{i}].features"))
         y.append(float(j))
     return feats, np.array(y), doc
+
+
+def merge_repeats(feats: list[dict[str, np.ndarray]], y: np.ndarray) -> tuple[list, np.ndarray, str | None]:
+    """Samples with the same features (one network measured again, or listed twice) are one sample for the fit:
+    their median energy. Returns the distinct samples and a one-line note when some were merged (else None)."""
+    groups: dict = {}
+    for f, v in zip(feats, y):
+        key = tuple(sorted((fam, tuple(np.round(vals, 6).tolist())) for fam, vals in f.items()))
+        groups.setdefault(key, (f, []))[1].append(float(v))
+    if len(groups) == len(feats):
+        return feats, y, None
+    top = max(len(vs) for _, vs in groups.values())
+    note = (f"{len(feats) - len(groups)} of {len(feats)} samples repeat the features of another (the same network "
+            f"measured again; up to {top} copies): fitted on {len(groups)} distinct samples, each the median of its "
+            f"copies")
+    return [f for f, _ in groups.values()], np.array([float(np.median(vs)) for _, vs in groups.values()]), note
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -218,6 +238,9 @@ def read_table(path: str, arch_column: str, column: str, unit: str, watts: float
                     raise BundleError(f"{path} line {line}: {column} {text[:40]!r} is not a number") from None
                 if not math.isfinite(v) or v <= 0:
                     raise BundleError(f"{path} line {line}: {column} must be a positive number, got {text[:40]!r}")
+                if v * scale > MAX_JOULES_PER_SAMPLE:
+                    raise BundleError(f"{path} line {line}: {column} {text[:40]} {unit} is {v * scale:.3g} J per "
+                                      f"sample, absurd (more than {MAX_JOULES_PER_SAMPLE:g} J); check --unit")
                 arch = (rec.get(arch_column) or "").strip()
                 if not arch:
                     raise BundleError(f"{path} line {line}: empty {arch_column}")

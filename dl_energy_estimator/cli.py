@@ -354,6 +354,9 @@ def fit_cmd(args: argparse.Namespace) -> int:
     else:
         batch = args.batch_size
         feats, y, meta = _table_features(args, EnergyEstimator.default(batch_size=batch))
+    feats, y, note = B.merge_repeats(feats, y)
+    if note:
+        print(f"fit: note: {note}", file=sys.stderr)
     est0 = EnergyEstimator.default(batch_size=batch)
     date = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
     meta.update({"name": f"{meta['source']}-{meta['device']}-b{batch}-{date[:10]}", "batch_size": batch, "date": date})
