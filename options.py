@@ -103,8 +103,8 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast (and cudnn.benchmark on CUDA): faster on GPUs, results not bitwise "
                         "reproducible")
     p.add_argument("--threads", type=bounded("threads"), default=None,
-                   help="CPU threads of torch (0: torch's default; digits trains with 1: 8x8 images gain nothing "
-                        "from more)")
+                   help="CPU threads of torch (0: the cores this process may use, less the machine's load, so a "
+                        "busy machine is not oversubscribed; digits trains with 1: 8x8 images gain nothing from more)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every cell (inductor; minutes of compiling first); pays on GPUs, not on "
                         "small CPUs")
