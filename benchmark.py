@@ -59,7 +59,8 @@ class BenchmarkTable:
         return len(self.rows)
 
     def error(self, message: str) -> BenchmarkError:
-        return BenchmarkError(f"benchmark table {self.path}: {message}")
+        flat = "".join(c if c.isprintable() else " " for c in message)  # a quoted field may hold a line break
+        return BenchmarkError(f"benchmark table {self.path}: {flat}")
 
     def check_columns(self, columns: Sequence[str]) -> None:
         missing = [c for c in columns if c not in self.columns]

@@ -440,9 +440,26 @@ def load_state(target, state: Any, what: str) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"a {type(state).__name__}, not a state dict")
         target.load_state_dict(state)
+        if isinstance(target, torch.optim.Optimizer):
+            _check_optimizer_state(target)
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"{what} in the checkpoint does not fit this run ({first[:300]})") from None
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """load_state_dict takes any per-parameter state: each must be an object of tensors (momentum buffers, Adam's
+    moments: the parameter's shape) and numbers, or the first step fails deep inside torch."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if not isinstance(state, dict):
+                raise TypeError(f"a parameter's state is a {type(state).__name__}, not an object")
+            for name, v in state.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(f"'{name}' has shape {tuple(v.shape)} for a parameter of {tuple(p.shape)}")
+                if not isinstance(v, (torch.Tensor, int, float)) and v is not None:
+                    raise TypeError(f"'{name}' is a {type(v).__name__}")
 
 
 def validate_saved_args(parser: argparse.ArgumentParser, saved: Dict[str, Any], where: str) -> None:
