@@ -10,6 +10,7 @@ from collections import namedtuple
 from typing import Any, Dict, List, Optional, Sequence
 
 from operations import OPS
+from cliargs import check
 from utils import CLIError, atomic_write_text
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
@@ -176,6 +177,11 @@ META_TYPES = {"dataset": str, "search_run": str, "early_stop": str, "eval_channe
               "energy_budget_mj": (int, float), "guards": dict}
 
 
+# The metadata numbers the project uses, and their bounds in cliargs.LIMITS.
+META_BOUNDS = {"eval_channels": "size", "eval_layers": "size", "energy_batch_size": "energy_batch_size",
+               "seed": "seed", "energy_mj": "energy_mj", "energy_weight": "weight", "task_weight": "weight"}
+
+
 def load_with_meta(path: str):
     """(Genotype, meta) of a genotype file, `meta` holding `primitives` too; every field the project reads is
     type-checked, and a bad file is one GenotypeError naming the file and the field."""
@@ -195,10 +201,10 @@ def load_with_meta(path: str):
         for key, types in META_TYPES.items():
             if meta.get(key) is not None:
                 jsonfile.expect(meta[key], types, f"{where}: meta '{key}'")
-        for key in ("eval_channels", "eval_layers", "energy_batch_size"):
+        for key, kind in META_BOUNDS.items():
             if meta.get(key) is not None:
-                jsonfile.positive(meta[key], f"{where}: meta '{key}'")
-    except jsonfile.JSONFileError as e:
+                check(kind, meta[key], f"{where}: meta '{key}'")
+    except CLIError as e:  # JSONFileError and the bounds' CLIError
         raise GenotypeError(str(e)) from None
     return genotype, {**meta, "primitives": primitives}
 

@@ -104,8 +104,9 @@ class EpochRunner:
         return f"epoch {row['epoch']}/{self.args.epochs}"
 
     def loss_weights(self) -> Dict[str, float]:
-        """The loss weights of the flags (flag -> value), named by the non-finite check when extreme."""
-        return {}
+        """The loss weights of the flags (`--*_weight` -> value), named by the non-finite check when extreme."""
+        return {k: float(v) for k, v in vars(self.args).items() if k.endswith("_weight") and
+                isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def checked_tensors(self) -> List[torch.Tensor]:
         """What every torchrun rank must hold identically after an epoch."""

@@ -177,9 +177,6 @@ class Trainer(EpochRunner):
     def extra_state(self) -> Dict[str, Any]:
         return {"genotype": self.space.to_dict(self.genotype)}
 
-    def loss_weights(self) -> Dict[str, float]:
-        return {"auxiliary_weight": self.args.auxiliary_weight} if self.args.auxiliary else {}
-
     def before_epoch(self, epoch: int) -> Dict[str, Any]:
         self.model.drop_path_prob = self.args.drop_path_prob * epoch / self.args.epochs
         return {}

@@ -194,9 +194,6 @@ class Search(EpochRunner):
     def energy_scale(self, epoch: int) -> float:
         return search_control.energy_scale(epoch, self.args.warmup_epochs, self.args.energy_ramp_epochs)
 
-    def loss_weights(self) -> Dict[str, float]:
-        return {"energy_weight": self.args.energy_weight, "task_weight": self.args.task_weight}
-
     def checked_tensors(self) -> List[torch.Tensor]:  # what torchrun's ranks must agree on
         return self.model.arch_parameters() + self.weights
 

@@ -82,6 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CLIError as e:
         p.print_usage(sys.stderr)
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; --out keeps only figures that were complete", code=130)
     return 0
 
 

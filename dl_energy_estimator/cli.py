@@ -388,3 +388,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (B.BundleError, EnergyModelError, EnergyMemoryError) as e:
         print(f"{args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{args.cmd}: error: interrupted; --out {args.out} was not written", file=sys.stderr)
+        return 130
