@@ -134,11 +134,12 @@ class RunFolder:
         self.created = None
 
 
-def check_output_file(path: Optional[str], flag: str, force: bool = False) -> str:
+def check_output_file(path: Optional[str], flag: str, force: bool = False, inputs=()) -> str:
     """`path` if a script may write its `flag` output there (`output_file_problem`), else a CLIError: never a
-    file of a run folder, an existing file only with --force, never empty. Checked before any work starts."""
+    file of a run folder or one of the `inputs`, an existing file only with --force, never empty. Checked before
+    any work starts."""
     from dl_energy_estimator.runner import output_file_problem
-    problem = output_file_problem(path, flag, force)
+    problem = output_file_problem(path, flag, force, inputs)
     if problem:
         raise CLIError(problem)
     return path

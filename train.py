@@ -48,7 +48,7 @@ def resolve(args: argparse.Namespace) -> None:
     if (args.json is not None or args.measure_energy) and not args.report:
         raise CLIError("--json and --measure_energy go with --report")
     if args.json is not None:
-        runs.check_output_file(args.json, "--json", args.force)
+        runs.check_output_file(args.json, "--json", args.force, [args.genotype, args.energy_model, args.weights])
     elif args.force:
         raise CLIError("--force goes with --report --json (it lets the report overwrite an existing file)")
     if args.weights and not args.measure_energy:

@@ -267,10 +267,10 @@ def _read_genotype(path: str) -> Any:
     return doc
 
 
-def _check_out_dir(path: str, is_dir: bool, force: bool = False) -> None:
+def _check_out_dir(path: str, is_dir: bool, force: bool = False, inputs=()) -> None:
     """--out before any work: a bundle folder that is new or empty, or a file `output_file_problem` allows."""
     if not is_dir:
-        problem = output_file_problem(path, "--out", force)
+        problem = output_file_problem(path, "--out", force, inputs)
         if problem:
             raise B.BundleError(problem)
         return
@@ -341,7 +341,7 @@ def fit_cmd(args: argparse.Namespace) -> int:
         raise B.BundleError("give either a measurements.json or --table CSV (with --column)")
     if args.table and not args.column:
         raise B.BundleError("--table needs --column (the measured values)")
-    _check_out_dir(args.out, False, args.force)
+    _check_out_dir(args.out, False, args.force, [args.measurements, args.table])
     if args.measurements:
         feats, y, doc = B.read_measurements(args.measurements)
         batch = doc["batch_size"]

@@ -49,11 +49,11 @@ def positive_number(s: str) -> float:
 RUN_FOLDER_MARKERS = (".lock", "args.json", "checkpoint.pt")
 
 
-def output_file_problem(path: str | None, flag: str, force: bool = False) -> str | None:
+def output_file_problem(path: str | None, flag: str, force: bool = False, inputs=()) -> str | None:
     """Why `path` may not be written as the output file of `flag`, or None: it must not be empty or a folder,
-    its folder must exist and not be a run folder (whose files belong to that run), and an existing file is
-    overwritten only with `force`. The project's scripts and the package's CLI check their outputs with it too
-    (this file stays standalone: the rest may import it)."""
+    its folder must exist and not be a run folder (whose files belong to that run), it must not be one of the
+    command's `inputs`, and an existing file is overwritten only with `force`. The project's scripts and the
+    package's CLI check their outputs with it too (this file stays standalone: the rest may import it)."""
     if path is None or not str(path).strip():
         return f"{flag} is empty; name the file to write"
     if os.path.isdir(path):
@@ -65,6 +65,9 @@ def output_file_problem(path: str | None, flag: str, force: bool = False) -> str
     if marker:
         return (f"{flag} {path} is inside the run folder {folder} (it holds {marker}), whose files belong to its "
                 f"run; write it elsewhere")
+    same = [i for i in inputs if i and os.path.exists(i) and os.path.exists(path) and os.path.samefile(i, path)]
+    if same:
+        return f"{flag} {path} is also this command's input; write the output to another file"
     if os.path.lexists(path) and not force:
         return f"{flag} {path} already exists; choose a new name, or add --force to overwrite it"
     if not os.access(folder, os.W_OK):
@@ -304,10 +307,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     bundle = args.bundle or os.path.dirname(os.path.abspath(__file__))
     mpath = os.path.join(bundle, "manifest.json")
-    problem = output_file_problem(args.out, "--out", args.force)  # before the minutes of measuring
+    manifest = read_manifest(mpath)
+    programs = [os.path.join(bundle, str(it.get("file", ""))) for it in manifest["items"]]
+    problem = output_file_problem(args.out, "--out", args.force, [mpath, *programs])  # before minutes of measuring
     if problem:
         raise RunnerError(problem)
-    manifest = read_manifest(mpath)
     items = manifest["items"]
     if args.only:
         names = set(args.only.split(","))
