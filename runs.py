@@ -364,6 +364,11 @@ def check_checkpoint(ckpt: Dict[str, Any]) -> None:
     epochs = saved.get("epochs") if isinstance(saved, dict) else None
     if isinstance(epochs, int) and not isinstance(epochs, bool) and epoch > epochs:
         raise CLIError(f"{where}: it claims epoch {epoch} of a run of {epochs} epochs")
+    acc, wall = ckpt.get("best_valid_acc"), ckpt.get("wall_s")
+    if isinstance(acc, (int, float)) and not isinstance(acc, bool) and not -1 <= acc <= 100:
+        raise CLIError(f"{where}: best_valid_acc {acc} is not a percentage")
+    if isinstance(wall, (int, float)) and not isinstance(wall, bool) and not 0 <= wall < 1e9:
+        raise CLIError(f"{where}: wall_s {wall} is not a duration")
     for key in ("model", "optimizer", "arch_optimizer"):
         bad = _non_finite(ckpt.get(key), key)
         if bad:

@@ -29,6 +29,7 @@ from .schema import ANY, INT, NUM, STR, check_types, read_json
 FORMAT = 1
 PROGRAMS = {"export": ("torch.export", ".pt2"), "torchscript": ("torchscript", ".pt")}
 MAX_MEASUREMENTS_BYTES = 64 << 20
+MAX_FEATURE = 1e18  # MACs, bytes or calls per sample: a network of 10^18 MACs per image is a damaged file
 MEASUREMENTS_SPEC = {"format": INT, "batch_size": INT, "source": STR, "dtype": STR, "date": STR,
                      "device": {"name": STR, "torch": STR, "platform": STR, ANY: ANY},
                      "items": [{"name": STR, "kind": STR, "family": STR, "input_shape": [INT], "features": {ANY: [NUM]},
@@ -126,8 +127,8 @@ def _features(obj: Any, where: str) -> dict[str, np.ndarray]:
     for fam, vals in obj.items():
         if fam not in FAMILIES:
             raise BundleError(f"{where}: unknown layer family {fam!r}")
-        if len(vals) != 3 or any(v is None or v < 0 for v in vals):
-            raise BundleError(f"{where}.{fam}: must be [MACs, bytes, calls], non-negative numbers")
+        if len(vals) != 3 or any(v is None or not 0 <= v <= MAX_FEATURE for v in vals):
+            raise BundleError(f"{where}.{fam}: must be [MACs, bytes, calls], numbers in [0, {MAX_FEATURE:g}]")
         out[fam] = np.array(vals, dtype=float)
     if not out:
         raise BundleError(f"{where}: no features")
