@@ -122,13 +122,16 @@ class RunFolder:
             self._lock.close()  # releases the flock
             self._lock = None
         work = held_work(self.path)
-        if self.created and not work and (failed or not self.reuse):
+        logs = self.reuse and os.path.isdir(self.path) and set(os.listdir(self.path)) - {".lock", "log.txt", "wandb"}
+        if self.created and not work and not logs and (failed or not self.reuse):
             release_log_file()
             shutil.rmtree(self.path, ignore_errors=True)
             _remove_empty_parents(self.path, self.created)
             self.on_disk = f"nothing was kept ({self.path} held no checkpoint yet and was removed)"
         elif work:
             self.on_disk = describe_work(self.path, work)
+        elif logs:  # a sweep whose runs all failed: their logs say why
+            self.on_disk = f"{self.path} keeps the sweep's logs ({', '.join(sorted(logs)[:5])})"
         elif os.path.isdir(self.path):
             self.on_disk = f"{self.path} holds no checkpoint"
         self.created = None

@@ -5,7 +5,6 @@ import copy
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ import train
 import train_search
 import utils
 import visualize
-from test_run_safety import TINY_TRAIN, exits_2, one_error_line, snapshot
+from test_run_safety import TINY_TRAIN, exits_2, snapshot
 
 REPORT = ["--dataset", "digits", "--arch", "DARTS_V2", "--report", "--init_channels", "4", "--layers", "3"]
 

@@ -2,7 +2,6 @@
 full disk at a later epoch) leaves the folder and its checkpoint once one exists, removes only what the run
 created while none does, and ends in one line saying what is on disk. Signals are sent to this process from
 inside the run (monkeypatched hooks), so each phase is hit exactly."""
-import errno
 import os
 import signal
 import subprocess
@@ -13,9 +12,8 @@ import pytest
 
 import runs
 import train
-import utils
 from conftest import ROOT
-from test_run_safety import TINY_TRAIN, one_error_line
+from test_run_safety import TINY_TRAIN, fill_disk_at, one_error_line
 
 EPOCHS = ["--epochs", "3"]
 
@@ -61,8 +59,6 @@ def epochs_of(folder):
 
 
 def test_a_signal_during_set_up_acts_at_once_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    real = train.load_dataset
-
     def slow_load(*a, **k):  # a slow data set: the signal must not wait for the first step
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
@@ -71,7 +67,6 @@ def test_a_signal_during_set_up_acts_at_once_and_leaves_nothing(tmp_path, monkey
     code, err = run_main(argv(tmp_path / "log"), capsys)
     assert code == 128 + signal.SIGTERM and "during set-up" in err and "nothing was kept" in err, err
     assert not (tmp_path / "log").exists()  # the log folder was this run's too
-    monkeypatch.setattr(train, "load_dataset", real)
 
 
 def test_a_signal_in_the_first_epoch_removes_only_this_run(tmp_path, monkeypatch, capsys):
@@ -139,15 +134,7 @@ def test_a_signal_while_resuming_keeps_the_folder(tmp_path, monkeypatch, capsys)
 
 
 def test_a_full_disk_at_a_later_epoch_keeps_the_folder_and_says_so(tmp_path, monkeypatch, capsys):
-    real, calls = utils.os.replace, []
-
-    def full(src, dst):
-        if dst.endswith("checkpoint.pt"):
-            calls.append(dst)
-            if len(calls) == 2:  # the checkpoint of epoch 2
-                raise OSError(errno.ENOSPC, "No space left on device", dst)
-        return real(src, dst)
-    monkeypatch.setattr(utils.os, "replace", full)
+    fill_disk_at(monkeypatch, 2)  # the checkpoint of epoch 2
     code, err = run_main(argv(tmp_path), capsys)
     assert code == 2 and "No space left" in err and "keeps its checkpoint of epoch 1" in err, err
     assert epochs_of(tmp_path / "r") == 1 and not [f for f in os.listdir(tmp_path / "r") if f.endswith(".tmp")]
@@ -156,13 +143,7 @@ def test_a_full_disk_at_a_later_epoch_keeps_the_folder_and_says_so(tmp_path, mon
 
 
 def test_a_full_disk_before_any_checkpoint_removes_the_folder(tmp_path, monkeypatch, capsys):
-    real = utils.os.replace
-
-    def full(src, dst):
-        if dst.endswith("checkpoint.pt"):
-            raise OSError(errno.ENOSPC, "No space left on device", dst)
-        return real(src, dst)
-    monkeypatch.setattr(utils.os, "replace", full)
+    fill_disk_at(monkeypatch, 1)
     code, err = run_main(argv(tmp_path), capsys)
     assert code == 2 and "nothing was kept" in err, err
     assert not os.listdir(tmp_path)

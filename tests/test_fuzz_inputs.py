@@ -1,7 +1,6 @@
 """Seeded mutations of each input kind a user hands in (a checkpoint, a bundle manifest, a measurements file, a
 benchmark table): every one ends in exit 0 or 2 with at most one error line, never a traceback, and no file is
 lost (the input stays, nothing half-written appears)."""
-import copy
 import json
 import os
 import random
@@ -15,39 +14,8 @@ from test_door_checks import ARCH, ARCH2, measurements, run_bundle, tiny_bundle
 from test_run_safety import TINY_TRAIN, mutations
 
 
-def tensor_mutations(ckpt, rng, n):
-    """`n` mutated copies of a checkpoint: a tensor or a value somewhere replaced (wrong shape, dtype, NaN,
-    empty), or a key dropped."""
-    odd = [None, -1, 2 ** 40, 1e308, "x", [], {}, torch.zeros(0), torch.zeros(3, dtype=torch.uint8),
-           torch.full((2,), float("nan")), torch.ones(5000, dtype=torch.uint8), [torch.zeros(0)]]
-    paths = []
-
-    def walk(o, path):
-        paths.append(path)
-        if isinstance(o, dict):
-            for k, v in list(o.items())[:40]:
-                walk(v, path + [k])
-        elif isinstance(o, (list, tuple)):
-            for i, v in enumerate(o[:3]):
-                walk(v, path + [i])
-    walk(ckpt, [])
-    out = []
-    for _ in range(n):
-        m = copy.deepcopy(ckpt)
-        path = rng.choice(paths[1:])
-        parent = m
-        for p in path[:-1]:
-            parent = parent[p]
-            if isinstance(parent, tuple):  # tuples inside RNG states: make the way down mutable
-                break
-        else:
-            if isinstance(parent, dict) and rng.random() < 0.3:
-                parent.pop(path[-1])
-            elif isinstance(parent, (dict, list)):
-                value = rng.choice(odd)
-                parent[path[-1]] = value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-        out.append(m)
-    return out
+ODD_TENSORS = [None, -1, 2 ** 40, 1e308, "x", [], {}, torch.zeros(0), torch.zeros(3, dtype=torch.uint8),
+               torch.full((2,), float("nan")), torch.ones(5000, dtype=torch.uint8), [torch.zeros(0)]]
 
 
 def one_line_or_none(err: str, code) -> None:
@@ -62,7 +30,7 @@ def test_fuzzed_checkpoints_resume_or_fail_with_one_line(tmp_path, capsys):
     good = torch.load(tmp_path / "good" / "checkpoint.pt", weights_only=True)
     rng = random.Random(23)
     capsys.readouterr()
-    for i, m in enumerate(tensor_mutations(good, rng, 12)):
+    for i, m in enumerate(mutations(good, rng, 12, ODD_TENSORS)):
         folder = tmp_path / f"m{i}"
         folder.mkdir()
         torch.save(m, folder / "checkpoint.pt")
