@@ -20,6 +20,7 @@ import nb201
 
 ARCH_COLUMN = "arch_str"
 MAX_COLUMNS = 4096  # HW-NAS-Bench's widest export has a few dozen; a million columns is a broken file
+MAX_CELLS = 20_000_000  # rows x columns: bounds the time a load takes (seconds), whatever the file's shape
 NON_NEGATIVE = re.compile(r"energy|latency|time|flops|macs|param|power|acc|_mj|_ms", re.IGNORECASE)
 MAX_BYTES = 256 * 2 ** 20  # NB201's full table with every metric is a few tens of MB
 Value = Union[int, float, str, None]
@@ -166,6 +167,9 @@ def load_table(path: str, arch_column: str = ARCH_COLUMN, max_bytes: int = MAX_B
                 continue
             if len(fields) != len(header):
                 raise table.error(f"line {reader.line_num} has {len(fields)} fields, the header {len(header)}")
+            if len(seen) * len(header) > MAX_CELLS:
+                raise table.error(f"holds more than {MAX_CELLS:,} cells (line {reader.line_num}); NAS-Bench-201's "
+                                  f"full table has about 1.5 million: keep the columns you need")
             _add_row(table, reader.line_num, fields, at, names, seen)
     except csv.Error as e:
         raise table.error(f"line {reader.line_num}: not valid CSV ({e})") from None

@@ -276,3 +276,22 @@ def test_genotypes_that_only_look_valid_are_refused(tmp_path, capsys, change, wo
         G.load_with_meta(str(tmp_path / "g.json"))
     exits_2(visualize.main, [str(tmp_path / "g.json"), "--out", str(tmp_path / "v")], capsys, word)
     assert not (tmp_path / "v").exists() or not [f for f in os.listdir(tmp_path / "v") if not f.startswith(".")]
+
+
+def test_loading_a_long_table_answers_a_signal_at_once(tmp_path, monkeypatch):
+    """A table loads during a search's set-up: a SIGTERM there stops the load within the row it arrives in."""
+    import signal
+    rows = [ARCH, ARCH2] * 2000
+    (tmp_path / "t.csv").write_text("arch_str,energy_mj\n" + "".join(f"{a},{1 + i % 7}\n" for i, a in
+                                                                      enumerate(rows)))
+    real, calls = benchmark.normalize_arch, []
+
+    def arch(*a, **k):
+        calls.append(1)
+        if len(calls) == 100:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(benchmark, "normalize_arch", arch)
+    with pytest.raises(runs.StoppedBySignal), runs.RunControl():
+        benchmark.load_table(str(tmp_path / "t.csv"))
+    assert len(calls) < 110
