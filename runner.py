@@ -33,6 +33,10 @@ from runs import RunControl
 from tracker import Tracker
 
 
+class _EvaluationStopped(Exception):
+    """A signal during an evaluation: its partial figures are dropped with the rest of the epoch."""
+
+
 class EpochRunner:
     """One run of a script: set up in __init__ (restored from `ckpt` when resuming), `run()` does the epochs."""
 
@@ -160,7 +164,7 @@ class EpochRunner:
         second = None
         for x, y in queue:
             if self.control is not None and self.control.stop_requested:
-                break  # a signal: `run` stops without this epoch's row
+                raise _EvaluationStopped  # a signal: `run` stops without this epoch's row
             x, y = x.to(self.device), y.to(self.device)
             logits, second = self.model(x)
             loss_m.update(torch.nn.functional.cross_entropy(logits, y).item(), y.size(0))
@@ -190,8 +194,11 @@ class EpochRunner:
                     row.update(self.train_epoch(epoch, lr, control))
             if not control.stop_requested:
                 distributed.check_same(self.checked_tensors(), "the weights")  # torchrun: ranks must agree
-                with utils.autocast(self.device, a.amp):
-                    row.update(self.evaluate())
+                try:
+                    with utils.autocast(self.device, a.amp):
+                        row.update(self.evaluate())
+                except _EvaluationStopped:
+                    pass
             if control.stop_requested:  # (evaluation breaks off too): this epoch leaves no row, no checkpoint
                 self.log.info(runs.stopped_message(control.signal_name, epoch, self.run_dir))
                 return {"stopped": True}

@@ -163,3 +163,21 @@ def test_a_burst_of_sigterms_in_a_real_process_keeps_the_checkpoint(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (130, 128 + signal.SIGTERM) and "Traceback" not in err, err[-2000:]
     assert epochs_of(tmp_path / "b") >= 1
+
+
+def test_a_signal_during_a_search_evaluation_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import train_search
+    from test_run_safety import TINY_SEARCH
+    real, calls = train_search.Search.evaluate_queue, []
+
+    def evaluate_queue(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2's evaluation: its first batch sees the stop
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+    monkeypatch.setattr(train_search.Search, "evaluate_queue", evaluate_queue)
+    code = train_search.main(TINY_SEARCH + ["--epochs", "2", "--log_dir", str(tmp_path), "--run_name", "s",
+                                            "--train_portion", "0.2"])
+    assert code == 128 + signal.SIGTERM
+    assert runs.load_checkpoint(str(tmp_path / "s"), "search")["epoch"] == 0
+    assert len(open(tmp_path / "s" / "metrics.jsonl").read().splitlines()) == 1
