@@ -47,7 +47,7 @@ def number_list(cast, what: str, kind: str):
                 check(kind, v, what[:-1])
         except CLIError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-        return list(dict.fromkeys(values))
+        return list(dict.fromkeys(v + 0 for v in values))  # + 0: -0.0 is 0.0, one run named w0
     return parse
 
 

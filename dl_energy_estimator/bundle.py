@@ -29,6 +29,7 @@ from .schema import ANY, INT, NUM, STR, check_types, read_json
 FORMAT = 1
 PROGRAMS = {"export": ("torch.export", ".pt2"), "torchscript": ("torchscript", ".pt")}
 MAX_MEASUREMENTS_BYTES = 64 << 20
+MAX_TABLE_COLUMNS = 4096  # a table of measured networks has a few dozen; a million columns is a broken file
 MAX_FEATURE = 1e18  # MACs, bytes or calls per sample: a network of 10^18 MACs per image is a damaged file
 MEASUREMENTS_SPEC = {"format": INT, "batch_size": INT, "source": STR, "dtype": STR, "date": STR,
                      "device": {"name": STR, "torch": STR, "platform": STR, ANY: ANY},
@@ -226,6 +227,9 @@ def read_table(path: str, arch_column: str, column: str, unit: str, watts: float
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
+            if len(header) > MAX_TABLE_COLUMNS:
+                raise BundleError(f"{path}: {len(header)} columns, more than the {MAX_TABLE_COLUMNS} a table of "
+                                  f"measured networks may have")
             for need, flag in ((arch_column, "--arch_column"), (column, "--column")):
                 if need not in header:
                     raise BundleError(f"{path}: no column {need!r} ({flag}); columns: {', '.join(header)[:300]}")

@@ -294,3 +294,17 @@ def test_loading_a_long_table_answers_a_signal_at_once(tmp_path, monkeypatch):
     with pytest.raises(runs.StoppedBySignal), runs.RunControl():
         benchmark.load_table(str(tmp_path / "t.csv"))
     assert len(calls) < 110
+
+
+def test_fit_refuses_a_wide_table_and_its_own_input_as_out(tmp_path, capsys):
+    from dl_energy_estimator.cli import main
+    wide = tmp_path / "wide.csv"
+    wide.write_text("genotype,energy_mj," + ",".join(f"c{i}" for i in range(5000)) + "\nDARTS_V2,1.0,"
+                    + ",".join(["1"] * 5000) + "\n")
+    capsys.readouterr()
+    assert main(["fit", "--table", str(wide), "--column", "energy_mj", "--out", str(tmp_path / "m.json"),
+                 "--no_progress"]) == 2
+    assert "columns" in capsys.readouterr().err
+    before = wide.read_bytes()
+    assert main(["fit", "--table", str(wide), "--column", "energy_mj", "--out", str(wide), "--force"]) == 2
+    assert "input" in capsys.readouterr().err and wide.read_bytes() == before
