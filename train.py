@@ -123,6 +123,8 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from a weights file (weights.pt / best_weights.pt, or a bare state dict): names to tensors."""
     if os.path.isdir(path):
         raise CLIError(f"--weights {path} is a folder; give its weights.pt")
+    if os.path.exists(path) and not os.path.isfile(path):  # a device or a pipe: torch.load would never end
+        raise CLIError(f"--weights {path} is not a regular file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -221,6 +221,8 @@ def read_table(path: str, arch_column: str, column: str, unit: str, watts: float
     else:
         raise BundleError(f"unknown --unit {unit!r}; energy: {', '.join(ENERGY_UNITS)}; latency with --watts: "
                           f"{', '.join(TIME_UNITS)}")
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a device or a pipe (open would block)
+        raise BundleError(f"{path} is not a regular file: not a table of measured networks")
     try:
         if os.path.getsize(path) > MAX_MEASUREMENTS_BYTES * 4:
             raise BundleError(f"{path}: larger than {MAX_MEASUREMENTS_BYTES * 4 >> 20} MiB")

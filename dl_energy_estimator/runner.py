@@ -176,10 +176,13 @@ def read_manifest(mpath: str) -> dict:
     """The bundle's manifest.json, checked: a format-1 object whose items each name a program file and a
     positive input shape (batch first), and a positive batch size; every problem one RunnerError line."""
     try:
-        if os.path.getsize(mpath) > MAX_MANIFEST_BYTES:
-            raise RunnerError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a bundle manifest")
+        if os.path.exists(mpath) and not os.path.isfile(mpath):
+            raise RunnerError(f"{mpath} is not a regular file: not a bundle manifest")
         with open(mpath, encoding="utf-8") as f:
-            manifest = json.loads(f.read(), parse_constant=_no_constant)
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise RunnerError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a bundle manifest")
+        manifest = json.loads(text, parse_constant=_no_constant)
     except OSError as e:
         raise RunnerError(f"no bundle manifest at {mpath} ({e.strerror or e}); give --bundle DIR") from None
     except RecursionError:

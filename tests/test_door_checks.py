@@ -308,3 +308,19 @@ def test_fit_refuses_a_wide_table_and_its_own_input_as_out(tmp_path, capsys):
     before = wide.read_bytes()
     assert main(["fit", "--table", str(wide), "--column", "energy_mj", "--out", str(wide), "--force"]) == 2
     assert "input" in capsys.readouterr().err and wide.read_bytes() == before
+
+
+def test_pipes_and_devices_as_inputs_are_one_line_not_a_hang(tmp_path, capsys):
+    from dl_energy_estimator.cli import main
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for flags in (["--genotype", str(fifo), "--report"], ["--arch", "DARTS_V2", "--report", "--energy_model", str(fifo)],
+                  ["--arch", "DARTS_V2", "--report", "--measure_energy", "--watts", "5", "--weights", str(fifo)]):
+        exits_2(train.main, ["--dataset", "digits", *flags], capsys, "regular file")
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(benchmark.BenchmarkError):
+            benchmark.load_table(path)
+    capsys.readouterr()
+    assert main(["fit", str(fifo), "--out", str(tmp_path / "m.json")]) == 2
+    assert main(["fit", "--table", str(fifo), "--column", "e", "--out", str(tmp_path / "m.json")]) == 2
+    assert capsys.readouterr().err.count("regular file") == 2
