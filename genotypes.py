@@ -147,7 +147,14 @@ def from_dict(data: Any, where: str = "genotype") -> Genotype:
     missing = [k for k in ("normal", "normal_concat", "reduce", "reduce_concat") if k not in data]
     if missing:
         raise GenotypeError(f"{where}: missing key(s) {', '.join(missing)}")
-    return validate(Genotype(data["normal"], data["normal_concat"], data["reduce"], data["reduce_concat"]), where)
+    genotype = validate(Genotype(data["normal"], data["normal_concat"], data["reduce"], data["reduce_concat"]), where)
+    primitives = data.get("primitives")
+    if isinstance(primitives, list) and all(isinstance(p, str) for p in primitives):
+        unlisted = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(primitives))
+        if unlisted:
+            raise GenotypeError(f"{where}: uses {', '.join(unlisted)}, which its 'primitives' {primitives[:10]} do "
+                                f"not list; the file is damaged or was edited by hand")
+    return genotype
 
 
 def save(genotype: Genotype, path: str, primitives: Optional[Sequence[str]] = None,
@@ -194,10 +201,6 @@ def load_with_meta(path: str):
         primitives = jsonfile.get(data, "primitives", list, where, None)
         for i, p in enumerate(primitives or []):
             jsonfile.expect(p, str, f"{where}: primitives[{i}]")
-        unlisted = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(primitives or OPS))
-        if unlisted:
-            raise GenotypeError(f"{where}: uses {', '.join(unlisted)}, which its 'primitives' {primitives} do not "
-                                f"list; the file is damaged or was edited by hand")
         for key, types in META_TYPES.items():
             if meta.get(key) is not None:
                 jsonfile.expect(meta[key], types, f"{where}: meta '{key}'")
