@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import re
+from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from cliargs import CLIError
@@ -18,6 +19,9 @@ import jsonfile
 import nb201
 
 ARCH_COLUMN = "arch_str"
+MAX_COLUMNS = 4096  # HW-NAS-Bench's widest export has a few dozen; a million columns is a broken file
+MAX_CELLS = 20_000_000  # rows x columns: bounds the time a load takes (seconds), whatever the file's shape
+NON_NEGATIVE = re.compile(r"energy|latency|time|flops|macs|param|power|acc|_mj|_ms", re.IGNORECASE)
 MAX_BYTES = 256 * 2 ** 20  # NB201's full table with every metric is a few tens of MB
 Value = Union[int, float, str, None]
 _INT = re.compile(r"[+-]?[0-9]+")
@@ -56,7 +60,8 @@ class BenchmarkTable:
         return len(self.rows)
 
     def error(self, message: str) -> BenchmarkError:
-        return BenchmarkError(f"benchmark table {self.path}: {message}")
+        flat = "".join(c if c.isprintable() else " " for c in message)  # a quoted field may hold a line break
+        return BenchmarkError(f"benchmark table {self.path}: {flat}")
 
     def check_columns(self, columns: Sequence[str]) -> None:
         missing = [c for c in columns if c not in self.columns]
@@ -99,10 +104,13 @@ def _read_text(path: str, max_bytes: int) -> str:
 
 
 def _header(table: BenchmarkTable, header: List[str], arch_column: str) -> int:
+    if len(header) > MAX_COLUMNS:
+        raise table.error(f"has {len(header)} columns, more than the {MAX_COLUMNS} a benchmark table may have")
     names = [h.strip() for h in header]
     if arch_column not in names:
-        raise table.error(f"no {arch_column!r} column (columns: {', '.join(names) or 'none'})")
-    dupes = sorted({n for n in names if names.count(n) > 1})
+        raise table.error(f"no {arch_column!r} column (columns: {', '.join(names)[:300] or 'none'})")
+    counts = Counter(names)
+    dupes = sorted(n for n, k in counts.items() if k > 1)
     if dupes or "" in names:
         raise table.error(f"column names must be distinct and non-empty ({', '.join(map(repr, dupes or ['']))})")
     table.columns = [n for n in names if n != arch_column]
@@ -115,6 +123,7 @@ def _add_row(table: BenchmarkTable, line: int, fields: List[str], at: int, names
     except GenotypeError as e:
         raise table.error(f"line {line}: {e}") from None
     row = {n: parse_value(v) for n, v in zip(names, fields) if n is not None}
+    _check_values(table, line, row)
     old = table.rows.get(key)
     if old is not None and old != row:
         col = next(c for c in table.columns if old[c] != row[c])
@@ -122,6 +131,23 @@ def _add_row(table: BenchmarkTable, line: int, fields: List[str], at: int, names
                           f"({row[col]!r} vs {old[col]!r})")
     table.rows.setdefault(key, row)
     seen.setdefault(key, line)
+
+
+def _check_values(table: BenchmarkTable, line: int, row: Dict[str, Value]) -> None:
+    """A column holds numbers or text, not both (text in a numeric column is a broken export, not a metric), and
+    a measured quantity (energy, latency, FLOPs, parameters, accuracy) is never negative."""
+    kinds = table.__dict__.setdefault("kinds", {})
+    for column, value in row.items():
+        if value is None:
+            continue
+        kind = "text" if isinstance(value, str) else "number"
+        first = kinds.setdefault(column, (kind, line, value))
+        if first[0] != kind:
+            where, text = (line, value) if kind == "text" else first[1:]
+            raise table.error(f"column {column!r} holds numbers, but line {where} holds the text {str(text)[:40]!r}; "
+                              f"make it a number or leave it blank")
+        if kind == "number" and value < 0 and NON_NEGATIVE.search(column):
+            raise table.error(f"line {line}: {column} is {value}, a measured quantity cannot be negative")
 
 
 def load_table(path: str, arch_column: str = ARCH_COLUMN, max_bytes: int = MAX_BYTES) -> BenchmarkTable:
@@ -141,6 +167,9 @@ def load_table(path: str, arch_column: str = ARCH_COLUMN, max_bytes: int = MAX_B
                 continue
             if len(fields) != len(header):
                 raise table.error(f"line {reader.line_num} has {len(fields)} fields, the header {len(header)}")
+            if len(seen) * len(header) > MAX_CELLS:
+                raise table.error(f"holds more than {MAX_CELLS:,} cells (line {reader.line_num}); NAS-Bench-201's "
+                                  f"full table has about 1.5 million: keep the columns you need")
             _add_row(table, reader.line_num, fields, at, names, seen)
     except csv.Error as e:
         raise table.error(f"line {reader.line_num}: not valid CSV ({e})") from None

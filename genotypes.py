@@ -10,6 +10,7 @@ from collections import namedtuple
 from typing import Any, Dict, List, Optional, Sequence
 
 from operations import OPS
+from cliargs import check
 from utils import CLIError, atomic_write_text
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
@@ -87,6 +88,9 @@ def named_genotype(name: str) -> Genotype:
         raise GenotypeError(f"unknown genotype name {name!r}; known: {', '.join(NAMED_GENOTYPES)}") from None
 
 
+MAX_NODES = 16  # intermediate nodes of a cell (DARTS: 4); far more only makes a network nothing can draw or train
+
+
 def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
     """Check ops exist and every input index points to an earlier node; returns a normalized Genotype."""
     cells = {}
@@ -95,6 +99,9 @@ def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
         concat = getattr(genotype, f"{kind}_concat")
         if not isinstance(pairs, (list, tuple)) or not pairs or len(pairs) % 2:
             raise GenotypeError(f"{where}: '{kind}' must be a non-empty list of [op, input] pairs, two per node")
+        if len(pairs) > 2 * MAX_NODES:
+            raise GenotypeError(f"{where}: '{kind}' has {len(pairs)} edges; a cell has at most {MAX_NODES} nodes "
+                                f"({2 * MAX_NODES} edges; DARTS's have 4 nodes)")
         clean = []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -112,6 +119,8 @@ def validate(genotype: Genotype, where: str = "genotype") -> Genotype:
         if (not isinstance(concat, (list, tuple, range)) or not concat
                 or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < steps + 2 for c in concat)):
             raise GenotypeError(f"{where}: '{kind}_concat' must list node indices in 0..{steps + 1}")
+        if len(set(concat)) != len(concat):
+            raise GenotypeError(f"{where}: '{kind}_concat' {list(concat)} repeats a node; list each node once")
         cells[kind] = (clean, list(concat))
     return Genotype(cells["normal"][0], cells["normal"][1], cells["reduce"][0], cells["reduce"][1])
 
@@ -138,7 +147,14 @@ def from_dict(data: Any, where: str = "genotype") -> Genotype:
     missing = [k for k in ("normal", "normal_concat", "reduce", "reduce_concat") if k not in data]
     if missing:
         raise GenotypeError(f"{where}: missing key(s) {', '.join(missing)}")
-    return validate(Genotype(data["normal"], data["normal_concat"], data["reduce"], data["reduce_concat"]), where)
+    genotype = validate(Genotype(data["normal"], data["normal_concat"], data["reduce"], data["reduce_concat"]), where)
+    primitives = data.get("primitives")
+    if isinstance(primitives, list) and all(isinstance(p, str) for p in primitives):
+        unlisted = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(primitives))
+        if unlisted:
+            raise GenotypeError(f"{where}: uses {', '.join(unlisted)}, which its 'primitives' {primitives[:10]} do "
+                                f"not list; the file is damaged or was edited by hand")
+    return genotype
 
 
 def save(genotype: Genotype, path: str, primitives: Optional[Sequence[str]] = None,
@@ -168,6 +184,11 @@ META_TYPES = {"dataset": str, "search_run": str, "early_stop": str, "eval_channe
               "energy_budget_mj": (int, float), "guards": dict}
 
 
+# The metadata numbers the project uses, and their bounds in cliargs.LIMITS.
+META_BOUNDS = {"eval_channels": "size", "eval_layers": "size", "energy_batch_size": "energy_batch_size",
+               "seed": "seed", "energy_mj": "energy_mj", "energy_weight": "weight", "task_weight": "weight"}
+
+
 def load_with_meta(path: str):
     """(Genotype, meta) of a genotype file, `meta` holding `primitives` too; every field the project reads is
     type-checked, and a bad file is one GenotypeError naming the file and the field."""
@@ -183,10 +204,10 @@ def load_with_meta(path: str):
         for key, types in META_TYPES.items():
             if meta.get(key) is not None:
                 jsonfile.expect(meta[key], types, f"{where}: meta '{key}'")
-        for key in ("eval_channels", "eval_layers", "energy_batch_size"):
+        for key, kind in META_BOUNDS.items():
             if meta.get(key) is not None:
-                jsonfile.positive(meta[key], f"{where}: meta '{key}'")
-    except jsonfile.JSONFileError as e:
+                check(kind, meta[key], f"{where}: meta '{key}'")
+    except CLIError as e:  # JSONFileError and the bounds' CLIError
         raise GenotypeError(str(e)) from None
     return genotype, {**meta, "primitives": primitives}
 

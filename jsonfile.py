@@ -68,12 +68,17 @@ def read_text(path: str, what: str, max_bytes: int = MAX_BYTES) -> str:
     try:
         if os.path.isdir(path):
             raise JSONFileError(f"{what} {path} is a folder, not a file")
+        if os.path.exists(path) and not os.path.isfile(path):  # a device or a pipe: reading might never end
+            raise JSONFileError(f"{what} {path} is not a regular file")
         size = os.path.getsize(path)
         if size > max_bytes:
             raise JSONFileError(f"{what} {path} is {size / 2 ** 20:.1f} MiB, more than the "
                                 f"{max_bytes / 2 ** 20:.1f} MiB this file may have")
         with open(path, encoding="utf-8-sig") as f:
-            return f.read()
+            text = f.read(max_bytes + 1)  # a file still growing stops at the bound too
+        if len(text) > max_bytes:
+            raise JSONFileError(f"{what} {path} holds more than the {max_bytes / 2 ** 20:.1f} MiB this file may have")
+        return text
     except FileNotFoundError:
         raise JSONFileError(f"{what} {path} does not exist") from None
     except UnicodeDecodeError:

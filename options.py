@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 import distributed
 import genotypes as G
 import search_control
-from cliargs import fraction, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from cliargs import (batch_int, bounded, energy_batch_int, epochs_int, fraction, nonneg_float, nonneg_int,
+                     positive_float, positive_int, rate_float, seed_int, size_int, unit_float, weight_float)
 from datasets import DATASETS, DataInfo, known_info
 
 DEFAULT_DATASET = "cifar10"  # DARTS's
@@ -82,16 +83,16 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="./data", help="folder of the data set (downloaded there when online)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--gpu", type=nonneg_int, default=0, help="CUDA device index")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--log_dir", default="./log", help="runs go to <log_dir>/<run_name>/")
     p.add_argument("--run_name", default=None, help="a plain name; default <script>-<dataset>-<timestamp>")
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled"],
                    help="default: online if a wandb API key is configured, else offline")
     p.add_argument("--energy_model", default=None,
                    help="energy-model JSON from `python -m dl_energy_estimator calibrate` (default: analytical)")
-    p.add_argument("--energy_batch_size", type=positive_int, default=None,
+    p.add_argument("--energy_batch_size", type=energy_batch_int, default=None,
                    help="deployment batch size of the energy estimates (default: the energy model's, 1)")
-    p.add_argument("--workers", type=nonneg_int, default=None, help="data-loader workers (default 0 for digits)")
+    p.add_argument("--workers", type=bounded("workers"), default=None, help="data-loader workers (default 0 for digits)")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
     distributed.add_args(p)
 
@@ -104,9 +105,9 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", choices=["auto", "on", "off"], default="auto",
                    help="deterministic cuDNN kernels; auto = on for CPU runs (bitwise reproducible), off on CUDA "
                         "(cudnn.benchmark picks the fastest kernels)")
-    p.add_argument("--threads", type=nonneg_int, default=None,
-                   help="CPU threads of torch (0: torch's default; digits trains with 1: 8x8 images gain nothing "
-                        "from more)")
+    p.add_argument("--threads", type=bounded("threads"), default=None,
+                   help="CPU threads of torch (0: the cores this process may use, less the machine's load, so a "
+                        "busy machine is not oversubscribed; digits trains with 1: 8x8 images gain nothing from more)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every cell (inductor; minutes of compiling first); pays on GPUs, not on "
                         "small CPUs")
@@ -117,13 +118,13 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """The weights' optimization and the network's size (DARTS's names); defaults from `DEFAULTS`."""
-    p.add_argument("--batch_size", type=positive_int)
-    p.add_argument("--learning_rate", type=positive_float)
+    p.add_argument("--batch_size", type=batch_int)
+    p.add_argument("--learning_rate", type=rate_float)
     p.add_argument("--momentum", type=unit_float)
     p.add_argument("--weight_decay", type=nonneg_float)
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--init_channels", type=positive_int)
-    p.add_argument("--layers", type=positive_int)
+    p.add_argument("--epochs", type=epochs_int)
+    p.add_argument("--init_channels", type=size_int)
+    p.add_argument("--layers", type=size_int)
     p.add_argument("--grad_clip", type=positive_float)
     p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (NB201's protocols)")
 
@@ -140,20 +141,20 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", default=None,
                    help="--space nb201: a CSV with an arch_str column (NAS-Bench-201, HW-NAS-Bench); each epoch the "
                         "derived cell's row goes to metrics.jsonl as bench_<column>")
-    p.add_argument("--task_weight", type=nonneg_float, default=0.9, help="weight of the normalized task loss")
-    p.add_argument("--energy_weight", type=nonneg_float, default=0.05,
+    p.add_argument("--task_weight", type=weight_float, default=0.9, help="weight of the normalized task loss")
+    p.add_argument("--energy_weight", type=weight_float, default=0.05,
                    help="weight of the normalized expected energy (0 = plain DARTS)")
     p.add_argument("--learning_rate_min", type=nonneg_float)
     p.add_argument("--train_portion", type=fraction)
-    p.add_argument("--arch_learning_rate", type=positive_float)
+    p.add_argument("--arch_learning_rate", type=rate_float)
     p.add_argument("--arch_weight_decay", type=nonneg_float)
     p.add_argument("--unrolled", action="store_true", help="second-order (unrolled) architecture step")
     add_speed_args(p)
     p.add_argument("--partial_channels", type=positive_int, default=1,
                    help="PC-DARTS: each edge computes 1/K of the channels (1 = plain DARTS)")
-    p.add_argument("--eval_channels", type=positive_int, default=None,
+    p.add_argument("--eval_channels", type=size_int, default=None,
                    help="width of the network whose energy is reported (default: train.py's for the data set)")
-    p.add_argument("--eval_layers", type=positive_int, default=None,
+    p.add_argument("--eval_layers", type=size_int, default=None,
                    help="depth of the network whose energy is reported (default: train.py's for the data set)")
     search_control.add_args(p)
     return p
@@ -170,7 +171,7 @@ def train_parser() -> argparse.ArgumentParser:
     arch.add_argument("--arch", help=f"a named genotype: {', '.join(G.NAMED_GENOTYPES)}")
     add_training_args(p)
     p.add_argument("--auxiliary", action="store_true", help="auxiliary tower at 2/3 depth")
-    p.add_argument("--auxiliary_weight", type=nonneg_float)
+    p.add_argument("--auxiliary_weight", type=weight_float)
     p.add_argument("--cutout", action="store_true", help="cutout augmentation")
     p.add_argument("--cutout_length", type=positive_int)
     p.add_argument("--drop_path_prob", type=unit_float)
@@ -178,13 +179,15 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_schedule", choices=["cosine", "exponential"], default=None,
                    help="cosine annealing over --epochs, or x --gamma per epoch (DARTS's ImageNet protocol)")
     p.add_argument("--gamma", type=positive_float, default=None, help="with --lr_schedule exponential: decay per epoch")
-    p.add_argument("--image_size", type=positive_int, default=None,
+    p.add_argument("--image_size", type=size_int, default=None,
                    help="imagenet/imagefolder: side of the square input (default 224 / 32)")
     add_speed_args(p)
     p.add_argument("--valid_portion", type=fraction, default=None,
                    help="hold out this part of the training split to choose the best checkpoint")
     p.add_argument("--report", action="store_true", help="print params, MACs and energy, then exit")
     p.add_argument("--json", default=None, help="with --report: also write the report as JSON here")
+    p.add_argument("--force", action="store_true", help="with --json: overwrite an existing file (never one of a "
+                                                        "run folder)")
     p.add_argument("--measure_energy", action="store_true",
                    help="with --report: measure the real inference energy on this device beside the estimate")
     p.add_argument("--weights", default=None, help="with --measure_energy: weights to load (a weights .pt)")

@@ -27,26 +27,32 @@ import options
 import runs
 import spaces
 import utils
-from cliargs import CLIError, fail, positive_int
+from cliargs import CLIError, check, fail, positive_int
 from tracker import Tracker, wandb_mode
 
 COLUMNS = ["energy_weight", "seed", "genotype_energy_mj", "params", "macs", "valid_acc", "test_acc", "run"]
 
 
-def number_list(cast, what: str):
-    """argparse type: a comma list of finite non-negative numbers of type `cast`."""
+def number_list(cast, what: str, kind: str):
+    """argparse type: a comma list of numbers of type `cast` within `cliargs.LIMITS[kind]`, each listed once (a
+    repeat would run, and list, the same search twice)."""
     def parse(text: str) -> list:
         try:
             values = [cast(v) for v in text.split(",") if v.strip()]
         except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {what}") from None
-        if not values or any(not math.isfinite(v) or v < 0 for v in values):
-            raise argparse.ArgumentTypeError(f"{text!r} must list finite non-negative {what}")
-        return values
+            raise argparse.ArgumentTypeError(f"{text[:60]!r} is not a comma list of {what}") from None
+        if not values or any(not math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{text[:60]!r} must list finite {what}")
+        try:
+            for v in values:
+                check(kind, v, what[:-1])
+        except CLIError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return list(dict.fromkeys(v + 0 for v in values))  # + 0: -0.0 is 0.0, one run named w0
     return parse
 
 
-floats, ints = number_list(float, "numbers"), number_list(int, "integers")
+floats, ints = number_list(float, "weights", "weight"), number_list(int, "seeds", "seed")
 
 
 def search_finished(run_dir: str) -> bool:
@@ -226,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="searches (and trainings) running at once (default 1; --launcher slurm: all)")
     p.add_argument("--from", dest="from_runs", nargs="+", default=None, help="plot these search run folders")
     p.add_argument("--log_dir", default="./log")
+    p.add_argument("--force", action="store_true", help="with --from: replace the pareto.csv of an existing sweep")
     p.add_argument("--run_name", default=None, help="default pareto-<timestamp>")
     p.add_argument("--wandb", default=None, choices=["offline", "online", "disabled"])
     p.add_argument("--energy_model", default=None)
@@ -239,7 +246,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.wandb = wandb_mode(args.wandb)
     args.run_name = args.run_name or f"pareto-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
+        check_sweep_folder(args)
         if args.from_runs:
+            args.from_runs = list(dict.fromkeys(os.path.realpath(r) for r in args.from_runs))  # each run once
             missing = [r for r in args.from_runs if not os.path.isfile(os.path.join(r, "genotype.json"))]
             if missing:
                 raise CLIError(f"--from: no genotype.json in {', '.join(missing)}")
@@ -254,6 +263,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CLIError as e:
         p.print_usage(sys.stderr)
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; finished searches keep their folders, run the same command again to continue", code=130)
+
+
+def check_sweep_folder(args: argparse.Namespace) -> None:
+    """`--log_dir` / `--run_name` name a sweep folder: never a search's or a training's run folder, and with
+    --from never an existing sweep's (its pareto.csv would be replaced by one of other runs) unless --force."""
+    runs.check_log_dir(args.log_dir)
+    runs.check_run_name(args.run_name)
+    folder = os.path.join(args.log_dir, args.run_name)
+    work = [f for f in runs.WORK_FILES if os.path.exists(os.path.join(folder, f))]
+    if work:
+        raise CLIError(f"--run_name {args.run_name}: {folder} is the run folder of a search or training "
+                       f"({', '.join(work)}), not a sweep; choose another --run_name")
+    if args.from_runs and not args.force and os.path.isfile(os.path.join(folder, "pareto.csv")):
+        raise CLIError(f"--run_name {args.run_name}: {folder} already holds a sweep's pareto.csv, which --from "
+                       f"would replace; choose a new --run_name, or add --force to replace it")
 
 
 def sweep(args: argparse.Namespace, passthrough: List[str], sweep_dir: str, estimator, table=None) -> int:

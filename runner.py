@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -30,6 +31,10 @@ import runs
 import utils
 from runs import RunControl
 from tracker import Tracker
+
+
+class _EvaluationStopped(Exception):
+    """A signal during an evaluation: its partial figures are dropped with the rest of the epoch."""
 
 
 class EpochRunner:
@@ -50,6 +55,7 @@ class EpochRunner:
         self.wandb_id: Optional[str] = None
         self.pending_rng: Optional[Dict[str, Any]] = None
         self.stopped_early = False
+        self.control: Optional[RunControl] = None
         self.build()
         if ckpt is not None:
             self.restore(ckpt, explicit)
@@ -106,6 +112,11 @@ class EpochRunner:
         """The mixed-precision context of one forward and its loss (`--amp`; a no-op context without it)."""
         return utils.autocast(self.device, self.args.amp)
 
+    def loss_weights(self) -> Dict[str, float]:
+        """The loss weights of the flags (`--*_weight` -> value), named by the non-finite check when extreme."""
+        return {k: float(v) for k, v in vars(self.args).items() if k.endswith("_weight") and
+                isinstance(v, (int, float)) and not isinstance(v, bool)}
+
     def checked_tensors(self) -> List[torch.Tensor]:
         """What every torchrun rank must hold identically after an epoch."""
         return list(self.model.parameters())
@@ -157,6 +168,8 @@ class EpochRunner:
         loss_m, top1, top5 = utils.AvgMeter(), utils.AvgMeter(), utils.AvgMeter()
         second = None
         for x, y in queue:
+            if self.control is not None and self.control.stop_requested:
+                raise _EvaluationStopped  # a signal: `run` stops without this epoch's row
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
                 logits, second = self.model(x)
@@ -175,16 +188,25 @@ class EpochRunner:
         a = self.args
         if self.pending_rng is not None:
             utils.set_rng_state(self.pending_rng, self.device)
+        control.context = {"weights": self.loss_weights(), "start_epoch": self.start_epoch,
+                           "resumed": self.ckpt["path"] if self.ckpt else None}
+        control.in_epochs = True  # from here a signal stops after the current step, the checkpoint whole
+        self.control = control
         for epoch in range(self.start_epoch, a.epochs):
             t0 = time.time()
             lr = self.optimizer.param_groups[0]["lr"]  # read before scheduler.step(): no off-by-one epoch
             row: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **self.before_epoch(epoch)}
-            row.update(self.train_epoch(epoch, lr, control))  # --amp: autocast around each forward (train_step)
-            if control.stop_requested:
+            if not control.stop_requested:  # a signal during the last epoch's files: no step of this one
+                row.update(self.train_epoch(epoch, lr, control))  # --amp: autocast around each forward (train_step)
+            if not control.stop_requested:
+                distributed.check_same(self.checked_tensors(), "the weights")  # torchrun: ranks must agree
+                try:
+                    row.update(self.evaluate())
+                except _EvaluationStopped:
+                    pass
+            if control.stop_requested:  # (evaluation breaks off too): this epoch leaves no row, no checkpoint
                 self.log.info(runs.stopped_message(control.signal_name, epoch, self.run_dir))
                 return {"stopped": True}
-            distributed.check_same(self.checked_tensors(), "the weights")  # torchrun: ranks must agree
-            row.update(self.evaluate())
             self.scheduler.step()
             self.stopped_early = self.after_epoch(epoch, row)
             row["epoch_s"] = time.time() - t0
@@ -209,7 +231,17 @@ def launch(cls, args: argparse.Namespace, explicit: set, ckpt: Optional[Dict[str
             print(f"{ckpt['path']}: {done}; nothing to do")
             return 0
     distributed.init(args.device, args.dist_timeout)  # a no-op without torchrun
-    # Signals are caught from the start: a stop during set-up or the first epoch ends cleanly, and the folder goes.
+    # Signals are caught from the start: a stop during set-up or the first epoch ends cleanly, and the folder goes
+    # (only while it holds no checkpoint).
+    try:
+        return _launch(cls, args, explicit, ckpt)
+    except runs.StoppedBySignal as e:
+        print(f"{os.path.basename(sys.argv[0]) or cls.script}: stopped by {e} during set-up, before any epoch; "
+              f"{runs.on_disk(e)}", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _launch(cls, args: argparse.Namespace, explicit: set, ckpt: Optional[Dict[str, Any]]) -> int:
     with RunControl() as control, runs.RunFolder(args, cls.script, resume=ckpt is not None) as folder:
         log = runs.setup_logging(folder.path, distributed.rank())
         runner = cls(args, folder.path, ckpt, explicit, log)

@@ -23,7 +23,7 @@ import torch
 import distributed
 import jsonfile
 from tracker import Tracker, wandb_mode
-from cliargs import CLIError, fail
+from cliargs import CLIError, check, fail
 from utils import atomic_torch_save, atomic_write_json, atomic_write_text
 
 # --------------------------------------------------------------------------------------------- run folder
@@ -48,17 +48,23 @@ class RunFolder:
     Entering it creates the folder and takes an exclusive lock on `<folder>/.lock` (flock: the kernel drops the
     lock of a killed process, so a stale lock never blocks a resume). A second process on the same folder is
     refused, and so is a new run (not --resume) in a folder that holds finished work (`WORK_FILES`). On leaving,
-    a folder this process created is removed again if the run wrote no checkpoint (bad input, a failure or a
-    stop during the first epoch), so a failed start leaves nothing behind and the same command can be run again.
-    `reuse=True` (pareto's sweep folder) lets a new process continue a folder that holds work."""
+    a folder this process created is removed again only while nothing in it holds work (no checkpoint: bad input,
+    a failure or a stop during set-up or the first epoch), so a failed start leaves nothing behind and the same
+    command can be run again; once a checkpoint exists nothing is ever removed. Only what this process created
+    goes: the run folder, then each parent it made as long as that is empty. `on_disk` says afterwards what is
+    left (the failure's message ends with it). `reuse=True` (pareto's sweep folder) lets a new process continue
+    a folder that holds work."""
 
     def __init__(self, args: argparse.Namespace, script: str, resume: bool = False, reuse: bool = False) -> None:
         if not args.run_name:
             args.run_name = f"{script}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_run_name(args.run_name)
+        check_log_dir(args.log_dir)
         self.path = os.path.join(args.log_dir, args.run_name)
         self.log_dir, self.resume, self.reuse = args.log_dir, resume, reuse
         self.created: Optional[str] = None
+        self.on_disk = f"nothing was written to {self.path}"
+        self.entered = False
         self._lock = None
 
     def __enter__(self) -> "RunFolder":
@@ -81,6 +87,7 @@ class RunFolder:
         except BaseException:
             self._close(failed=True)
             raise
+        self.entered = True
         return self
 
     def _take_lock(self) -> None:
@@ -100,18 +107,93 @@ class RunFolder:
         self._lock.write(str(os.getpid()))
         self._lock.flush()
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self._close(failed=exc_type is not None)
+        if exc is not None and self.entered:  # the failure's one line ends with what is on disk (guarded_main)
+            try:
+                exc.on_disk, exc.kept_work = self.on_disk, bool(held_work(self.path))
+            except AttributeError:
+                pass
 
     def _close(self, failed: bool) -> None:
+        if not distributed.is_main():
+            return
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
-        no_work = not os.path.exists(os.path.join(self.path, "checkpoint.pt"))
-        if self.created and (failed or (no_work and not self.reuse)):
+        work = held_work(self.path)
+        logs = self.reuse and os.path.isdir(self.path) and set(os.listdir(self.path)) - {".lock", "log.txt", "wandb"}
+        if self.created and not work and not logs and (failed or not self.reuse):
             release_log_file()
-            shutil.rmtree(self.created, ignore_errors=True)
+            shutil.rmtree(self.path, ignore_errors=True)
+            _remove_empty_parents(self.path, self.created)
+            self.on_disk = f"nothing was kept ({self.path} held no checkpoint yet and was removed)"
+        elif work:
+            self.on_disk = describe_work(self.path, work)
+        elif logs:  # a sweep whose runs all failed: their logs say why
+            self.on_disk = f"{self.path} keeps the sweep's logs ({', '.join(sorted(logs)[:5])})"
+        elif os.path.isdir(self.path):
+            self.on_disk = f"{self.path} holds no checkpoint"
         self.created = None
+
+
+def check_output_file(path: Optional[str], flag: str, force: bool = False, inputs=()) -> str:
+    """`path` if a script may write its `flag` output there (`output_file_problem`), else a CLIError: never a
+    file of a run folder or one of the `inputs`, an existing file only with --force, never empty. Checked before
+    any work starts."""
+    from dl_energy_estimator.runner import output_file_problem
+    problem = output_file_problem(path, flag, force, inputs)
+    if problem:
+        raise CLIError(problem)
+    return path
+
+
+def check_log_dir(log_dir: str) -> None:
+    """`--log_dir` names a folder: not empty (the current folder would fill with runs), not a file."""
+    if not isinstance(log_dir, str) or not log_dir.strip():
+        raise CLIError("--log_dir is empty; name the folder that holds the runs (default ./log)")
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise CLIError(f"--log_dir {log_dir} is a file, not a folder; name the folder that holds the runs")
+
+
+def held_work(path: str) -> list:
+    """The checkpoints under `path` (a run folder, or a sweep folder holding runs): what a failure never removes."""
+    found = []
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if d != "wandb"]
+        found += [os.path.join(folder, f) for f in files if f == "checkpoint.pt"]
+    return sorted(found)
+
+
+def describe_work(path: str, checkpoints: list) -> str:
+    """What a failed or stopped run leaves: its checkpoint (and epoch), or a sweep's runs with checkpoints."""
+    own = os.path.join(path, "checkpoint.pt")
+    if checkpoints == [own]:
+        epoch = checkpoint_epoch(own)
+        what = f"its checkpoint of epoch {epoch}" if epoch is not None else "its checkpoint.pt"
+        return f"{path} keeps {what}: continue with --resume {path}"
+    return f"{path} keeps {len(checkpoints)} run(s) with checkpoints: run the same command again to continue"
+
+
+def checkpoint_epoch(path: str) -> Optional[int]:
+    """The 1-based epoch a checkpoint file holds (None if it cannot be read)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["epoch"]) + 1
+    except Exception:  # noqa: BLE001 - only for a message: an unreadable file is described without its epoch
+        return None
+
+
+def _remove_empty_parents(path: str, top: str) -> None:
+    """Remove the parents of `path` up to `top` (those this process created), each only while it is empty: a
+    parallel run's folder beside ours is never touched."""
+    top, folder = os.path.abspath(top), os.path.dirname(os.path.abspath(path))
+    while len(folder) >= len(top) and folder.startswith(top):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
 
 
 def release_log_file() -> None:
@@ -270,7 +352,84 @@ def load_checkpoint(path: str, kind: str) -> Dict[str, Any]:
     epoch = field(ckpt, "epoch", int)
     if epoch < 0:
         raise CLIError(f"--resume {path}: 'epoch' is {epoch}, not an epoch index")
+    check_checkpoint(ckpt)
     return ckpt
+
+
+def check_checkpoint(ckpt: Dict[str, Any]) -> None:
+    """What a damaged checkpoint can get wrong that loading it would not notice: an epoch beyond its run's
+    --epochs (or any bound), non-finite weights or alphas (the first step would be NaN), an RNG state that
+    does not fit (`check_rng_state`). Each is one CLIError naming the checkpoint."""
+    where = f"--resume {ckpt['path']} (a damaged checkpoint)"
+    epoch = ckpt["epoch"] + 1
+    check("epochs", epoch, f"{where}: its epoch")
+    saved = ckpt.get("args")
+    epochs = saved.get("epochs") if isinstance(saved, dict) else None
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epoch > epochs:
+        raise CLIError(f"{where}: it claims epoch {epoch} of a run of {epochs} epochs")
+    acc, wall = ckpt.get("best_valid_acc"), ckpt.get("wall_s")
+    if isinstance(acc, (int, float)) and not isinstance(acc, bool) and not -1 <= acc <= 100:
+        raise CLIError(f"{where}: best_valid_acc {acc} is not a percentage")
+    if isinstance(wall, (int, float)) and not isinstance(wall, bool) and not 0 <= wall < 1e9:
+        raise CLIError(f"{where}: wall_s {wall} is not a duration")
+    for key in ("model", "optimizer", "arch_optimizer"):
+        bad = _non_finite(ckpt.get(key), key)
+        if bad:
+            raise CLIError(f"{where}: {bad} holds NaN or infinite values; resume an earlier copy or start again")
+    if "rng" in ckpt:
+        check_rng_state(ckpt["rng"], where)
+
+
+def _non_finite(value: Any, name: str) -> Optional[str]:
+    """The name of the first floating tensor in a (nested) state holding a NaN or infinity, else None."""
+    stack = [(name, value)]
+    while stack:
+        name, v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return name
+        elif isinstance(v, dict):
+            stack.extend((f"{name}.{k}", x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{name}[{i}]", x) for i, x in enumerate(v))
+        elif isinstance(v, float) and not math.isfinite(v):
+            return name
+    return None
+
+
+def check_rng_state(state: Any, where: str) -> None:
+    """A checkpoint's RNG states have the shapes `utils.set_rng_state` needs (Python's Mersenne twister: 625
+    words; NumPy's: 'MT19937', 624 keys and a position; torch's CPU state: as long as this torch's; each CUDA
+    state a non-empty byte tensor), so a damaged one is this line, not a crash when the epochs start."""
+    def bad(what: str):
+        raise CLIError(f"{where}: its RNG state {what}")
+    if not isinstance(state, dict) or not state:
+        bad("is empty or not an object")
+    py = state.get("python")
+    if not (isinstance(py, (list, tuple)) and len(py) == 3 and isinstance(py[1], (list, tuple)) and len(py[1]) == 625
+            and all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 2 ** 32 for w in py[1])):
+        bad("of Python's random is not 625 32-bit words")
+    np_state = state.get("numpy")
+    if not (isinstance(np_state, (list, tuple)) and len(np_state) == 5 and np_state[0] == "MT19937"
+            and isinstance(np_state[1], torch.Tensor) and np_state[1].numel() == 624
+            and isinstance(np_state[2], int) and 0 <= np_state[2] <= 624):
+        bad("of NumPy is not an MT19937 state of 624 keys")
+    cpu = state.get("torch")
+    if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.numel() == torch.get_rng_state().numel()):
+        bad(f"of torch is not a byte tensor of {torch.get_rng_state().numel()} (this torch's CPU generator)")
+    cuda, tensors = state.get("cuda"), []
+    stack = [cuda] if cuda is not None else []
+    while stack:  # a list per device (or per rank and device): every leaf a non-empty byte tensor
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        else:
+            tensors.append(v)
+    if cuda is not None and (not tensors or any(not isinstance(t, torch.Tensor) or t.dtype != torch.uint8
+                                                or t.numel() == 0 for t in tensors)):
+        bad("of CUDA is not a list of byte tensors, one per device")
 
 
 _MISSING = object()
@@ -290,9 +449,26 @@ def load_state(target, state: Any, what: str) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"a {type(state).__name__}, not a state dict")
         target.load_state_dict(state)
+        if isinstance(target, torch.optim.Optimizer):
+            _check_optimizer_state(target)
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"{what} in the checkpoint does not fit this run ({first[:300]})") from None
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """load_state_dict takes any per-parameter state: each must be an object of tensors (momentum buffers, Adam's
+    moments: the parameter's shape) and numbers, or the first step fails deep inside torch."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if not isinstance(state, dict):
+                raise TypeError(f"a parameter's state is a {type(state).__name__}, not an object")
+            for name, v in state.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(f"'{name}' has shape {tuple(v.shape)} for a parameter of {tuple(p.shape)}")
+                if not isinstance(v, (torch.Tensor, int, float)) and v is not None:
+                    raise TypeError(f"'{name}' is a {type(v).__name__}")
 
 
 def validate_saved_args(parser: argparse.ArgumentParser, saved: Dict[str, Any], where: str) -> None:
@@ -347,27 +523,31 @@ def restored_args(parser: argparse.ArgumentParser, args: argparse.Namespace, exp
 
 def guarded_main(parser: argparse.ArgumentParser, run, args: argparse.Namespace, explicit: set) -> int:
     """Run a script's body: bad input -> usage + one line + exit 2; a non-finite loss -> one line + exit 3;
-    a full disk or out of memory -> one line + exit 2 (the last checkpoint, if any, is intact); a second
-    Ctrl-C -> exit 130, no traceback."""
+    a full disk or out of memory -> one line + exit 2; a second Ctrl-C -> exit 130, no traceback. A failure
+    inside a run folder ends its line with what is on disk (`RunFolder.on_disk`)."""
     try:
         return run(args, explicit)
     except CLIError as e:
         parser.print_usage(sys.stderr)
-        fail(one_line(e))
+        fail(one_line(e) + (f"; {e.on_disk}" if getattr(e, "kept_work", False) else ""))
     except NonFiniteError as e:
-        fail(str(e), code=3)
-    except KeyboardInterrupt:
-        fail("interrupted (a second Ctrl-C); the last checkpoint, if any, is intact", code=130)
+        fail(f"{e}; {on_disk(e)}", code=3)
+    except KeyboardInterrupt as e:
+        fail(f"interrupted; {on_disk(e)}", code=130)
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
-        fail(f"cannot read or write{where} ({e.strerror or e}); free the space or fix the path, the last "
-             f"checkpoint, if any, is intact")
+        fail(f"cannot read or write{where} ({e.strerror or e}); free the space or fix the path; {on_disk(e)}")
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
         fail("out of memory; lower --batch_size, --init_channels / --layers or --energy_batch_size "
-             f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})")
+             f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); {on_disk(e)}")
     return 1
+
+
+def on_disk(e: BaseException) -> str:
+    """What a failure left on disk, as the RunFolder it went through recorded it."""
+    return getattr(e, "on_disk", None) or "no run folder was written"
 
 
 def one_line(e: BaseException) -> str:
@@ -436,13 +616,29 @@ class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient: the run stops, the last good checkpoint stays."""
 
 
+class StoppedBySignal(BaseException):
+    """SIGINT / SIGTERM during set-up, before the epochs: acted on at once (nothing to save yet); `launch` turns
+    it into its one line and exit status 128 + signal. A BaseException, like KeyboardInterrupt: no handler for
+    errors catches it on its way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class RunControl:
-    """Turns SIGINT / SIGTERM into a request to stop after the current step (the last checkpoint is whole),
-    and checks losses and gradients for non-finite values."""
+    """Turns SIGINT / SIGTERM into a stop: during set-up (data, model, tables) at once (`StoppedBySignal`), during
+    the epochs after the current step (the last checkpoint is whole; `in_epochs`). A second signal stops at once
+    (KeyboardInterrupt, exit 130); later ones are ignored while the run unwinds, so a burst of SIGTERMs cannot
+    break its clean-up. Also checks losses and gradients for non-finite values (`check_finite`)."""
 
     def __init__(self) -> None:
         self.stop_requested = False
         self.signal_number = 0
+        self.signals = 0
+        self.in_epochs = False
+        self._unwinding = False
+        self.context: Dict[str, Any] = {}  # what `nonfinite_message` may blame: the resumed checkpoint, weights
         self._previous: Dict[int, Any] = {}
 
     @property
@@ -450,9 +646,15 @@ class RunControl:
         return signal.Signals(self.signal_number).name if self.signal_number else ""
 
     def _handler(self, signum, frame) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.stop_requested, self.signal_number = True, signum
+        self.signals += 1
+        if self._unwinding:  # already stopping at once: later signals must not break the clean-up
+            return
+        if self.signals == 1:
+            self.stop_requested, self.signal_number = True, signum
+            if self.in_epochs:
+                return
+        self._unwinding = True
+        raise StoppedBySignal(signum) if self.signals == 1 else KeyboardInterrupt  # a second Ctrl-C: at once
 
     def __enter__(self) -> "RunControl":
         if threading.current_thread() is threading.main_thread():
@@ -464,10 +666,29 @@ class RunControl:
         for s, h in self._previous.items():
             signal.signal(s, h)
 
-    @staticmethod
-    def check_finite(value: float, what: str, epoch: int, step: int) -> None:
-        """A NaN or infinity stops the run; the message says whether a checkpoint exists to resume from."""
+    def check_finite(self, value: float, what: str, epoch: int, step: int) -> None:
+        """A NaN or infinity stops the run with `nonfinite_message`."""
         if not math.isfinite(value):
-            saved = (f"the checkpoint of epoch {epoch} is intact: lower the learning rate and --resume it" if epoch
-                     else "no checkpoint was written yet: lower the learning rate and start again")
-            raise NonFiniteError(f"non-finite {what} ({value}) at epoch {epoch + 1}, step {step}; {saved}")
+            raise NonFiniteError(nonfinite_message(what, value, epoch, step, self.context))
+
+
+def nonfinite_message(what: str, value: float, epoch: int, step: int, context: Dict[str, Any]) -> str:
+    """The one line of a non-finite value: the likely cause this run can see, and what to do about it.
+
+    `context` may hold `resumed` (the checkpoint's path), `start_epoch` (the first epoch after it) and `weights`
+    (flag -> value of the loss weights). A value gone bad in the first step after a resume points at the
+    checkpoint (resuming it again would fail the same way); an extreme loss weight points at itself; otherwise
+    the usual cause is a learning rate too high for this network."""
+    where = f"non-finite {what} ({value}) at epoch {epoch + 1}, step {step}"
+    extreme = [f"--{k} {v:g}" for k, v in sorted(context.get("weights", {}).items()) if abs(v) > EXTREME_WEIGHT]
+    if context.get("resumed") and epoch == context.get("start_epoch") and step == 0:
+        return (f"{where}, the first step after resuming {context['resumed']}: the checkpoint is likely damaged "
+                f"(resuming it again fails the same way); start the run again from scratch, or from a copy of an "
+                f"earlier checkpoint")
+    if extreme:
+        return (f"{where}: the loss weight {', '.join(extreme)} is extreme (the normalized terms are ~1, weights "
+                f"above {EXTREME_WEIGHT:g} only overflow); use a weight in [0, {EXTREME_WEIGHT:g}]")
+    return f"{where}: the learning rate is likely too high for this network; lower --learning_rate"
+
+
+EXTREME_WEIGHT = 100.0  # loss weights above this (the door allows up to cliargs.LIMITS['weight']) are named

@@ -45,8 +45,12 @@ def resolve(args: argparse.Namespace) -> None:
                              f"({', '.join(G.NAMED_GENOTYPES)})")
     if args.image_size and args.dataset not in ("imagenet", "imagefolder"):
         raise CLIError(f"--image_size applies to imagenet and imagefolder; {args.dataset} has a fixed size")
-    if (args.json or args.measure_energy) and not args.report:
+    if (args.json is not None or args.measure_energy) and not args.report:
         raise CLIError("--json and --measure_energy go with --report")
+    if args.json is not None:
+        runs.check_output_file(args.json, "--json", args.force, [args.genotype, args.energy_model, args.weights])
+    elif args.force:
+        raise CLIError("--force goes with --report --json (it lets the report overwrite an existing file)")
     if args.weights and not args.measure_energy:
         raise CLIError("--weights go with --report --measure_energy (the estimate does not depend on weights)")
 
@@ -89,7 +93,7 @@ def report(args: argparse.Namespace) -> int:
         measured = out["measured_energy_mj"]
         print(f"measured {measured:.4f} mJ per image ({out['measurement_source']}) vs estimated "
               f"{rep.energy_mj:.4f} mJ (ratio {measured / rep.energy_mj:.2f})")
-    if args.json:
+    if args.json is not None:
         utils.atomic_write_json(args.json, out)
     return 0
 
@@ -119,6 +123,8 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from a weights file (weights.pt / best_weights.pt, or a bare state dict): names to tensors."""
     if os.path.isdir(path):
         raise CLIError(f"--weights {path} is a folder; give its weights.pt")
+    if os.path.exists(path) and not os.path.isfile(path):  # a device or a pipe: torch.load would never end
+        raise CLIError(f"--weights {path} is not a regular file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

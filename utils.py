@@ -63,9 +63,37 @@ def sha256_file(path: str) -> str:
 
 
 def set_threads(device: torch.device, threads: Optional[int]) -> None:
-    """`--threads` on the CPU (0 or None: torch's default). Tiny tensors: extra threads only add sync overhead."""
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)
+    """`--threads` on the CPU (0 or None: `free_cpus()`, what the machine can give without oversubscribing it).
+    Tiny tensors: extra threads only add sync overhead."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads or free_cpus())
+
+
+def free_cpus() -> int:
+    """CPU threads this process can use without oversubscribing the machine: the cores it may run on (affinity,
+    a cgroup CPU quota), shared among the torchrun ranks on this node, less the load other processes put on them
+    (the 1-minute load average), at least 1 and at most torch's own default (the physical cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    free = int(cores - min(load, cores) + 0.5) // ranks
+    return max(1, min(free, cores // ranks, _TORCH_THREADS))
+
+
+_TORCH_THREADS = torch.get_num_threads()  # torch's default (physical cores), before any set_num_threads
 
 
 def compile_cells(model: torch.nn.Module) -> None:

@@ -9,14 +9,43 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
-from typing import List, Optional
+import tempfile
+from typing import Callable, List, Optional
 
 import genotypes as G
 import options
 import spaces
 import utils
-from cliargs import CLIError, fail, positive_int
+from cliargs import CLIError, energy_batch_int, fail, size_int
+
+
+def render_into(out: str, force: bool, render: Callable[[str], List[str]]) -> List[str]:
+    """Draw with `render(folder)` into a fresh hidden folder inside `out`, then move the files into `out`: an
+    existing file there is replaced only with --force, and a failed drawing leaves `out` as it was."""
+    if not out.strip():
+        raise CLIError("--out is empty; name the folder for the figures")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out} is a file; name a folder for the figures")
+    try:
+        os.makedirs(out, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".visualize-", dir=out)
+    except OSError as e:
+        raise CLIError(f"cannot write into --out {out} ({e.strerror or e})") from None
+    try:
+        drawn = render(tmp)
+        targets = [os.path.join(out, os.path.relpath(p, tmp)) for p in drawn]
+        taken = [t for t in targets if os.path.exists(t)]
+        if taken and not force:
+            raise CLIError(f"--out {out} already holds {', '.join(os.path.basename(t) for t in taken)}; choose "
+                           f"another --out, or add --force to replace them")
+        for src, dst in zip(drawn, targets):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        return targets
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -27,12 +56,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--space", default=None, choices=["darts", "nb201"],
                    help="search space of the genotype (default: what the genotype says, else darts)")
     p.add_argument("--out", default=None, help="output folder (default: beside the genotype file)")
+    p.add_argument("--force", action="store_true", help="replace figures that already exist in --out")
     p.add_argument("--backend", default="auto", choices=["auto", "graphviz", "matplotlib"])
     p.add_argument("--dataset", default=None, help="data set of the network (default: the genotype's, or cifar10)")
-    p.add_argument("--init_channels", type=positive_int, default=None)
-    p.add_argument("--layers", type=positive_int, default=None)
+    p.add_argument("--init_channels", type=size_int, default=None)
+    p.add_argument("--layers", type=size_int, default=None)
     p.add_argument("--energy_model", default=None)
-    p.add_argument("--energy_batch_size", type=positive_int, default=None)
+    p.add_argument("--energy_batch_size", type=energy_batch_int, default=None)
     args = p.parse_args(argv)
     try:
         if bool(args.genotype) == bool(args.arch):
@@ -43,13 +73,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                space.name)
         estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
         is_file = args.genotype and os.path.isfile(args.genotype)
-        out = args.out or (os.path.dirname(os.path.abspath(args.genotype)) if is_file else ".")
+        out = args.out if args.out is not None else (os.path.dirname(os.path.abspath(args.genotype)) if is_file
+                                                     else ".")
         name = args.arch or (os.path.basename(os.path.dirname(os.path.abspath(args.genotype))) if is_file else "")
-        for path in space.render(genotype, out, info, channels, layers, estimator, args.backend, name):
+        for path in render_into(out, args.force, lambda d: space.render(genotype, d, info, channels, layers,
+                                                                          estimator, args.backend, name)):
             print(path)
     except CLIError as e:
         p.print_usage(sys.stderr)
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; --out keeps only figures that were complete", code=130)
     return 0
 
 

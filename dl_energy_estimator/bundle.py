@@ -23,11 +23,14 @@ import torch
 from torch import nn
 
 from .defaults import FAMILIES
+from .runner import MAX_BATCH, MAX_JOULES_PER_SAMPLE
 from .schema import ANY, INT, NUM, STR, check_types, read_json
 
 FORMAT = 1
 PROGRAMS = {"export": ("torch.export", ".pt2"), "torchscript": ("torchscript", ".pt")}
 MAX_MEASUREMENTS_BYTES = 64 << 20
+MAX_TABLE_COLUMNS = 4096  # a table of measured networks has a few dozen; a million columns is a broken file
+MAX_FEATURE = 1e18  # MACs, bytes or calls per sample: a network of 10^18 MACs per image is a damaged file
 MEASUREMENTS_SPEC = {"format": INT, "batch_size": INT, "source": STR, "dtype": STR, "date": STR,
                      "device": {"name": STR, "torch": STR, "platform": STR, ANY: ANY},
                      "items": [{"name": STR, "kind": STR, "family": STR, "input_shape": [INT], "features": {ANY: [NUM]},
@@ -125,8 +128,8 @@ def _features(obj: Any, where: str) -> dict[str, np.ndarray]:
     for fam, vals in obj.items():
         if fam not in FAMILIES:
             raise BundleError(f"{where}: unknown layer family {fam!r}")
-        if len(vals) != 3 or any(v is None or v < 0 for v in vals):
-            raise BundleError(f"{where}.{fam}: must be [MACs, bytes, calls], non-negative numbers")
+        if len(vals) != 3 or any(v is None or not 0 <= v <= MAX_FEATURE for v in vals):
+            raise BundleError(f"{where}.{fam}: must be [MACs, bytes, calls], numbers in [0, {MAX_FEATURE:g}]")
         out[fam] = np.array(vals, dtype=float)
     if not out:
         raise BundleError(f"{where}: no features")
@@ -150,8 +153,8 @@ def read_measurements(path: str) -> tuple[list[dict[str, np.ndarray]], np.ndarra
             fail(f"missing key {k!r}")
     if not doc["items"]:
         fail("holds no items")
-    if doc["batch_size"] < 1:
-        fail(f"batch_size must be >= 1, got {doc['batch_size']}")
+    if not 1 <= doc["batch_size"] <= MAX_BATCH:
+        fail(f"batch_size must be an integer in [1, {MAX_BATCH}], got {doc['batch_size']}")
     feats, y = [], []
     for i, it in enumerate(doc["items"]):
         for k in ("features", "joules"):
@@ -160,9 +163,28 @@ def read_measurements(path: str) -> tuple[list[dict[str, np.ndarray]], np.ndarra
         j = it["joules"]
         if j is None or not j > 0:
             fail(f"items[{i}].joules must be a positive number, got {j!r}")
+        if j > MAX_JOULES_PER_SAMPLE:
+            fail(f"items[{i}].joules {j:.3g} J per sample is absurd (more than {MAX_JOULES_PER_SAMPLE:g} J); the "
+                 f"counter's unit was likely wrong")
         feats.append(_features(it["features"], f"{path}: items[{i}].features"))
         y.append(float(j))
     return feats, np.array(y), doc
+
+
+def merge_repeats(feats: list[dict[str, np.ndarray]], y: np.ndarray) -> tuple[list, np.ndarray, str | None]:
+    """Samples with the same features (one network measured again, or listed twice) are one sample for the fit:
+    their median energy. Returns the distinct samples and a one-line note when some were merged (else None)."""
+    groups: dict = {}
+    for f, v in zip(feats, y):
+        key = tuple(sorted((fam, tuple(np.round(vals, 6).tolist())) for fam, vals in f.items()))
+        groups.setdefault(key, (f, []))[1].append(float(v))
+    if len(groups) == len(feats):
+        return feats, y, None
+    top = max(len(vs) for _, vs in groups.values())
+    note = (f"{len(feats) - len(groups)} of {len(feats)} samples repeat the features of another (the same network "
+            f"measured again; up to {top} copies): fitted on {len(groups)} distinct samples, each the median of its "
+            f"copies")
+    return [f for f, _ in groups.values()], np.array([float(np.median(vs)) for _, vs in groups.values()]), note
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -199,12 +221,17 @@ def read_table(path: str, arch_column: str, column: str, unit: str, watts: float
     else:
         raise BundleError(f"unknown --unit {unit!r}; energy: {', '.join(ENERGY_UNITS)}; latency with --watts: "
                           f"{', '.join(TIME_UNITS)}")
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a device or a pipe (open would block)
+        raise BundleError(f"{path} is not a regular file: not a table of measured networks")
     try:
         if os.path.getsize(path) > MAX_MEASUREMENTS_BYTES * 4:
             raise BundleError(f"{path}: larger than {MAX_MEASUREMENTS_BYTES * 4 >> 20} MiB")
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
+            if len(header) > MAX_TABLE_COLUMNS:
+                raise BundleError(f"{path}: {len(header)} columns, more than the {MAX_TABLE_COLUMNS} a table of "
+                                  f"measured networks may have")
             for need, flag in ((arch_column, "--arch_column"), (column, "--column")):
                 if need not in header:
                     raise BundleError(f"{path}: no column {need!r} ({flag}); columns: {', '.join(header)[:300]}")
@@ -218,6 +245,9 @@ def read_table(path: str, arch_column: str, column: str, unit: str, watts: float
                     raise BundleError(f"{path} line {line}: {column} {text[:40]!r} is not a number") from None
                 if not math.isfinite(v) or v <= 0:
                     raise BundleError(f"{path} line {line}: {column} must be a positive number, got {text[:40]!r}")
+                if v * scale > MAX_JOULES_PER_SAMPLE:
+                    raise BundleError(f"{path} line {line}: {column} {text[:40]} {unit} is {v * scale:.3g} J per "
+                                      f"sample, absurd (more than {MAX_JOULES_PER_SAMPLE:g} J); check --unit")
                 arch = (rec.get(arch_column) or "").strip()
                 if not arch:
                     raise BundleError(f"{path} line {line}: empty {arch_column}")

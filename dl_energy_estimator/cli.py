@@ -24,7 +24,7 @@ from .estimator import EnergyEstimator
 from .fitting import spearman
 from .grid import build_grid, split
 from .measure import ALIASES, EnergyCounterUnavailable, measure
-from .runner import positive_number
+from .runner import output_file_problem, positive_number
 from .schema import EnergyModelError
 from .trace import EnergyMemoryError
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="measure a grid of layers on this machine and fit an energy model")
     c.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     c.add_argument("--out", default="energy_model.json", help="energy-model JSON to write")
+    c.add_argument("--force", action="store_true", help="overwrite an existing --out (never a run folder's file)")
     c.add_argument("--watts", type=positive_number, default=None,
                    help="device power while busy (W); used as latency x watts when no energy counter is readable")
     c.add_argument("--source", choices=("auto", "zeus", "latency_x_watts") + tuple(ALIASES), default="auto",
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit an energy model to measurements.json, or to a table of measured networks")
     f.add_argument("measurements", nargs="?", default=None, help="measurements.json written by a bundle's run.py")
     f.add_argument("--out", default="energy_model.json", help="energy-model JSON to write")
+    f.add_argument("--force", action="store_true", help="overwrite an existing --out (never a run folder's file)")
     f.add_argument("--table", default=None, help="CSV of whole networks measured elsewhere (one row each)")
     f.add_argument("--column", default=None, help="the table's column of measured values (per image)")
     f.add_argument("--unit", default="mJ", help="unit of --column: J, mJ, uJ, nJ; or s, ms, us with --watts")
@@ -124,9 +126,9 @@ def calibrate(args: argparse.Namespace) -> int:
     if not 0 < args.heldout < 1:
         print("calibrate: error: --heldout must be between 0 and 1", file=sys.stderr)
         return 2
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        print(f"calibrate: error: output folder {out_dir} does not exist", file=sys.stderr)
+    problem = output_file_problem(args.out, "--out", args.force)
+    if problem:
+        print(f"calibrate: error: {problem}", file=sys.stderr)
         return 2
     items = build_grid(args.grid, args.batch_size, args.seed)
     try:
@@ -265,13 +267,18 @@ def _read_genotype(path: str) -> Any:
     return doc
 
 
-def _check_out_dir(path: str, is_dir: bool) -> None:
-    if is_dir:
-        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise B.BundleError(f"--out {path} exists and is not an empty folder")
-        parent = os.path.dirname(os.path.abspath(path))
-    else:
-        parent = os.path.dirname(os.path.abspath(path))
+def _check_out_dir(path: str, is_dir: bool, force: bool = False, inputs=()) -> None:
+    """--out before any work: a bundle folder that is new or empty, or a file `output_file_problem` allows."""
+    if not is_dir:
+        problem = output_file_problem(path, "--out", force, inputs)
+        if problem:
+            raise B.BundleError(problem)
+        return
+    if not path or not path.strip():
+        raise B.BundleError("--out is empty; name the bundle folder to create")
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise B.BundleError(f"--out {path} exists and is not an empty folder")
+    parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise B.BundleError(f"output folder {parent} does not exist")
 
@@ -334,7 +341,7 @@ def fit_cmd(args: argparse.Namespace) -> int:
         raise B.BundleError("give either a measurements.json or --table CSV (with --column)")
     if args.table and not args.column:
         raise B.BundleError("--table needs --column (the measured values)")
-    _check_out_dir(args.out, False)
+    _check_out_dir(args.out, False, args.force, [args.measurements, args.table])
     if args.measurements:
         feats, y, doc = B.read_measurements(args.measurements)
         batch = doc["batch_size"]
@@ -347,6 +354,9 @@ def fit_cmd(args: argparse.Namespace) -> int:
     else:
         batch = args.batch_size
         feats, y, meta = _table_features(args, EnergyEstimator.default(batch_size=batch))
+    feats, y, note = B.merge_repeats(feats, y)
+    if note:
+        print(f"fit: note: {note}", file=sys.stderr)
     est0 = EnergyEstimator.default(batch_size=batch)
     date = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
     meta.update({"name": f"{meta['source']}-{meta['device']}-b{batch}-{date[:10]}", "batch_size": batch, "date": date})
@@ -378,3 +388,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (B.BundleError, EnergyModelError, EnergyMemoryError) as e:
         print(f"{args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{args.cmd}: error: interrupted; --out {args.out} was not written", file=sys.stderr)
+        return 130

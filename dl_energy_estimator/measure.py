@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .runner import measure_item
+from .runner import energy_problem, measure_item
 from .trace import EnergyMemoryError, check_fits, is_oom
 
 #: accepted for ``source`` by version 1.0 of this package (its own NVML and RAPL readers): Zeus reads both now
@@ -243,6 +243,9 @@ def _run(samples, device, batch_size, counter, watts, idle_w, window_s, warmup_s
             m = copy.deepcopy(module).to(device).eval()
             x = torch.randn(shape, generator=gen).to(device)
             r = measure_item(m, x, counter, idle_w, watts, window_s, repeats, warmup_s, sync)
+            problem = energy_problem(r, f"{type(module).__name__} at {tuple(shape)}", src)
+            if problem:
+                raise EnergyCounterUnavailable(problem)
             values.append(r["joules"])
             del m, x
     return values

@@ -45,6 +45,36 @@ def positive_number(s: str) -> float:
     return v
 
 
+#: files that mark a run folder of the project (train_search.py, train.py, pareto.py): its files belong to its run
+RUN_FOLDER_MARKERS = (".lock", "args.json", "checkpoint.pt")
+
+
+def output_file_problem(path: str | None, flag: str, force: bool = False, inputs=()) -> str | None:
+    """Why `path` may not be written as the output file of `flag`, or None: it must not be empty or a folder,
+    its folder must exist and not be a run folder (whose files belong to that run), it must not be one of the
+    command's `inputs`, and an existing file is overwritten only with `force`. The project's scripts and the
+    package's CLI check their outputs with it too (this file stays standalone: the rest may import it)."""
+    if path is None or not str(path).strip():
+        return f"{flag} is empty; name the file to write"
+    if os.path.isdir(path):
+        return f"{flag} {path} is a folder; name a file to write"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: the folder {folder} does not exist; create it first"
+    marker = next((m for m in RUN_FOLDER_MARKERS if os.path.exists(os.path.join(folder, m))), None)
+    if marker:
+        return (f"{flag} {path} is inside the run folder {folder} (it holds {marker}), whose files belong to its "
+                f"run; write it elsewhere")
+    same = [i for i in inputs if i and os.path.exists(i) and os.path.exists(path) and os.path.samefile(i, path)]
+    if same:
+        return f"{flag} {path} is also this command's input; write the output to another file"
+    if os.path.lexists(path) and not force:
+        return f"{flag} {path} already exists; choose a new name, or add --force to overwrite it"
+    if not os.access(folder, os.W_OK):
+        return f"{flag} {path}: the folder {folder} is not writable"
+    return None
+
+
 def _read_number(path: str) -> float:
     try:
         with open(path) as f:
@@ -137,11 +167,74 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_BATCH = 2 ** 20  # a deployment batch beyond a million samples is a damaged manifest
+MAX_DIM = 1 << 16
+
+
+def read_manifest(mpath: str) -> dict:
+    """The bundle's manifest.json, checked: a format-1 object whose items each name a program file and a
+    positive input shape (batch first), and a positive batch size; every problem one RunnerError line."""
+    try:
+        if os.path.exists(mpath) and not os.path.isfile(mpath):
+            raise RunnerError(f"{mpath} is not a regular file: not a bundle manifest")
+        with open(mpath, encoding="utf-8") as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise RunnerError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a bundle manifest")
+        manifest = json.loads(text, parse_constant=_no_constant)
+    except OSError as e:
+        raise RunnerError(f"no bundle manifest at {mpath} ({e.strerror or e}); give --bundle DIR") from None
+    except RecursionError:
+        raise RunnerError(f"{mpath} is nested too deeply to be a bundle manifest") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunnerError(f"{mpath} is not valid JSON ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("items"), list):
+        raise RunnerError(f"{mpath} is not a format-{FORMAT} bundle manifest")
+    batch = manifest.get("batch_size", 1)
+    if not _count(batch, 1, MAX_BATCH):
+        raise RunnerError(f"{mpath}: batch_size {str(batch)[:40]} is not an integer in [1, {MAX_BATCH}]")
+    if manifest.get("program", "torch.export") not in ("torch.export", "torchscript"):
+        raise RunnerError(f"{mpath}: unknown program format {str(manifest.get('program'))[:40]!r}")
+    for i, it in enumerate(manifest["items"]):
+        shape = it.get("input_shape") if isinstance(it, dict) else None
+        if not isinstance(it, dict) or not isinstance(it.get("file"), str) or not it["file"]:
+            raise RunnerError(f"{mpath}: items[{i}] does not name its program 'file'")
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and all(_count(v, 1, MAX_DIM) for v in shape)
+                and _count(shape[0], 1, MAX_BATCH)):
+            raise RunnerError(f"{mpath}: items[{i}].input_shape {str(shape)[:60]} is not a list of positive sizes")
+        if os.path.isabs(it["file"]) or ".." in it["file"].replace("\\", "/").split("/"):
+            raise RunnerError(f"{mpath}: items[{i}].file {it['file'][:60]!r} is not a path inside the bundle")
+    return manifest
+
+
+def _count(v, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_program(path: str, kind: str):
+    """A program of the bundle, loaded with whatever torch prints on a damaged file kept off the terminal: the
+    caller's one line says what is wrong."""
+    import contextlib
+    import io
+    import logging
+    import warnings
     import torch
-    if kind == "torch.export":
-        return torch.export.load(path).module()
-    return torch.jit.load(path, map_location="cpu").eval()
+    quiet = logging.getLogger("torch")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # torch.export logs a traceback of its own before raising
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            if kind == "torch.export":
+                return torch.export.load(path).module()
+            return torch.jit.load(path, map_location="cpu").eval()
+    finally:
+        quiet.setLevel(level)
 
 
 def measure_item(fn, x, counter, idle_w: float, watts: float | None, window_s: float, repeats: int,
@@ -158,7 +251,7 @@ def measure_item(fn, x, counter, idle_w: float, watts: float | None, window_s: f
             n += 1
         per = (time.perf_counter() - t0) / n
         iters = max(1, math.ceil(window_s / max(per, 1e-7)))
-        lat, joules = [], []
+        lat, joules, raw = [], [], []
         for _ in range(repeats):
             sync()
             if counter:
@@ -168,11 +261,32 @@ def measure_item(fn, x, counter, idle_w: float, watts: float | None, window_s: f
                 fn(x)
             sync()
             dt = time.perf_counter() - t
-            e = counter.end() - idle_w * dt if counter else watts * dt
+            raw.append(counter.end() if counter else watts * dt)
+            e = raw[-1] - idle_w * dt if counter else raw[-1]
             lat.append(dt / iters)
             joules.append(e / iters / x.shape[0])
-    return {"latency_s": statistics.median(lat), "joules": max(statistics.median(joules), 1e-15),
-            "iterations": iters, "windows_latency_s": lat, "windows_joules": joules}
+    return {"latency_s": statistics.median(lat), "joules": statistics.median(joules), "iterations": iters,
+            "windows_latency_s": lat, "windows_joules": joules, "windows_counter_j": raw}
+
+
+MAX_JOULES_PER_SAMPLE = 1e4  # 10 kJ for one forward pass of one sample: a counter in the wrong unit, not a network
+
+
+def energy_problem(r: dict, name: str, counter_name: str) -> str | None:
+    """Why a `measure_item` result is no measurement, or None: a counter that did not move in any window, an
+    energy not above the idle power, or one absurdly large (a wrong --energy_scale)."""
+    if all(c == 0 for c in r["windows_counter_j"]):
+        return (f"{name}: the energy counter {counter_name} did not change in any of {len(r['windows_counter_j'])} "
+                f"windows; it is not a live counter (or updates less often than each window): check the file, or "
+                f"raise --window_s")
+    if not math.isfinite(r["joules"]) or r["joules"] <= 0:
+        return (f"{name}: the measured energy ({r['joules']:.3g} J per sample) is not above the idle power; raise "
+                f"--window_s so the work outweighs the counter's noise, or measure without idle subtraction "
+                f"(--idle_s 0)")
+    if r["joules"] > MAX_JOULES_PER_SAMPLE:
+        return (f"{name}: {r['joules']:.3g} J per sample is absurd (more than {MAX_JOULES_PER_SAMPLE:g} J); check "
+                f"the counter's unit (--energy_scale / --power_scale)")
+    return None
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -196,15 +310,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     bundle = args.bundle or os.path.dirname(os.path.abspath(__file__))
     mpath = os.path.join(bundle, "manifest.json")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except OSError as e:
-        raise RunnerError(f"no bundle manifest at {mpath} ({e.strerror or e}); give --bundle DIR") from None
-    except ValueError as e:
-        raise RunnerError(f"{mpath} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("items"), list):
-        raise RunnerError(f"{mpath} is not a format-{FORMAT} bundle manifest")
+    manifest = read_manifest(mpath)
+    programs = [os.path.join(bundle, str(it.get("file", ""))) for it in manifest["items"]]
+    problem = output_file_problem(args.out, "--out", args.force, [mpath, *programs])  # before minutes of measuring
+    if problem:
+        raise RunnerError(problem)
     items = manifest["items"]
     if args.only:
         names = set(args.only.split(","))
@@ -236,13 +346,21 @@ def run(args: argparse.Namespace) -> int:
         try:
             fn = load_program(path, manifest.get("program", "torch.export"))
         except Exception as e:  # noqa: BLE001 - any unloadable program is reported the same way
+            import zipfile
+            if not os.path.isfile(path) or not zipfile.is_zipfile(path):  # both program formats are zip archives
+                raise RunnerError(f"program {path} of items[{i}] is missing or damaged (not an archive torch "
+                                  f"writes); copy or export the bundle again") from None
+            text = str(e).split("Please check the warnings")[0].strip().splitlines()
             raise RunnerError(f"cannot load {path} with torch {torch.__version__} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); export with --program "
-                              f"torchscript for an older torch") from None
+                              f"{text[0][:160] if text else ''}); export with --program torchscript for an older "
+                              f"torch") from None
         if args.device == "cuda":
             fn = fn.to("cuda")
         x = torch.randn([int(v) for v in it["input_shape"]]).to(args.device)
         r = measure_item(fn, x, counter, idle_w, args.watts, args.window_s, args.repeats, args.warmup_s, sync)
+        problem = energy_problem(r, f"item {it.get('name', i)}", args.energy_file or args.power_file or "--watts")
+        if problem:
+            raise RunnerError(problem)
         out_items.append({**{k: it[k] for k in ("name", "kind", "family", "input_shape", "features") if k in it}, **r})
         print(f"[{i + 1}/{len(items)}] {it.get('name')}: {1e3 * r['latency_s']:.3f} ms, "
               f"{1e3 * r['joules']:.4f} mJ per sample", flush=True)
@@ -266,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default=None, help="bundle folder (default: the folder of this script)")
     p.add_argument("--out", default="measurements.json")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--device_name", default=None, help="name recorded for the device (default: from torch)")
     e = p.add_mutually_exclusive_group()
@@ -295,6 +414,9 @@ def main(argv=None) -> int:
     except RunnerError as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"run.py: error: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

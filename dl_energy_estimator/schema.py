@@ -168,6 +168,8 @@ def read_json(path: str | os.PathLike, what: str, error: type = ValueError, max_
     """Parse a JSON file; any unreadable, oversized, non-standard or too deeply nested file raises ``error``
     with one line naming the file (``what``: what the file should be)."""
     where = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a device or a pipe (open would block)
+        raise error(f"{where}: not a regular file: not {what}")
     try:
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)

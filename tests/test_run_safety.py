@@ -118,20 +118,27 @@ def test_weights_need_measure_energy_and_must_be_a_state_dict(trained, tmp_path,
                              "--watts", "10", "--weights", str(bad)], capsys, "--weights")
 
 
-def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(trained, monkeypatch, capsys):
+def fill_disk_at(monkeypatch, nth: int) -> None:
+    """From the `nth` checkpoint written on (1-based), renaming it into place fails with a full disk."""
     import errno
     import utils
+    real, calls = utils.os.replace, []
+
+    def full(src, dst):
+        if dst.endswith("checkpoint.pt"):
+            calls.append(dst)
+            if len(calls) >= nth:
+                raise OSError(errno.ENOSPC, "No space left on device", dst)
+        return real(src, dst)
+    monkeypatch.setattr(utils.os, "replace", full)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(trained, monkeypatch, capsys):
     _, run = trained
     train.main(["--resume", str(run), "--epochs", "3"])  # a third epoch: the folder has a checkpoint of epoch 3
     capsys.readouterr()
     before = open(run / "checkpoint.pt", "rb").read()
-    real = utils.os.replace
-
-    def full(src, dst):
-        if dst.endswith("checkpoint.pt"):
-            raise OSError(errno.ENOSPC, "No space left on device", dst)
-        return real(src, dst)
-    monkeypatch.setattr(utils.os, "replace", full)
+    fill_disk_at(monkeypatch, 1)
     exits_2(train.main, ["--resume", str(run), "--epochs", "4"], capsys, "No space left")
     assert open(run / "checkpoint.pt", "rb").read() == before
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
@@ -173,9 +180,10 @@ def test_the_stopper_keeps_the_least_collapsed_epoch_when_none_is_healthy():
 
 
 # ---------------------------------------------------------------------------------------- hostile files
-def mutations(obj, rng, n):
-    """`n` mutated copies of a JSON object: values replaced by other types, keys dropped, deep nesting."""
-    odd = [None, True, -1, 0, 1e308, "x", [], {}, [[[]]], "9" * 5000, {"a": [1, {"b": None}]}]
+def mutations(obj, rng, n, odd=None):
+    """`n` mutated copies of a JSON object (or a checkpoint: tensors are leaves): values replaced by other types
+    (`odd`), keys dropped, deep nesting."""
+    odd = odd or [None, True, -1, 0, 1e308, "x", [], {}, [[[]]], "9" * 5000, {"a": [1, {"b": None}]}]
     paths = []
 
     def walk(o, path):
