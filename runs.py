@@ -430,6 +430,12 @@ def check_rng_state(state: Any, where: str) -> None:
     if cuda is not None and (not tensors or any(not isinstance(t, torch.Tensor) or t.dtype != torch.uint8
                                                 or t.numel() == 0 for t in tensors)):
         bad("of CUDA is not a list of byte tensors, one per device")
+    ranks = state.get("ranks")  # torchrun: every rank's own streams (utils.rng_state), each of the same form
+    if ranks is not None:
+        if not isinstance(ranks, list) or not ranks or any(isinstance(r, dict) and "ranks" in r for r in ranks):
+            bad("has a 'ranks' entry that is not a list of per-rank states")
+        for i, r in enumerate(ranks):
+            check_rng_state(r, f"{where} (rank {i})")
 
 
 _MISSING = object()
