@@ -45,7 +45,7 @@ LIMITS = {
     "workers": (0, 1024, "data-loader workers are processes"),
     "threads": (0, 4096, "CPU threads"),
     "weight": (0.0, 1e4, "the normalized loss terms are ~1: larger weights only overflow the loss"),
-    "rate": (0.0, 1e3, "learning rates and decays beyond this only overflow the weights"),
+    "rate": (0.0, 1e30, "a learning rate or decay beyond this overflows float32 in the update"),
     "energy_mj": (0.0, 1e9, "an estimate of a megajoule per image is a damaged file"),
 }
 
