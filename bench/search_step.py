@@ -27,7 +27,7 @@ from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
 from layout import want_channels_last  # noqa: E402
-from timing import interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
+from timing import count_step, interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
 from utils import atomic_write_json, compile_cells  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
@@ -59,7 +59,12 @@ class Runner:
         if cfg.get("compile"):
             compile_cells(self.model)
         self.arch = Architect(self.model, energy_weight=cfg["energy_weight"], unrolled=cfg["order"] == "second")
-        self.opt = torch.optim.SGD(self.model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+        # multi-tensor (foreach) optimizers on every device, as torch picks them on CUDA: the operator counts
+        # measured on the CPU are then those a GPU dispatches
+        self.opt = torch.optim.SGD(self.model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4,
+                                   foreach=True)
+        for group in self.arch.optimizer.param_groups:
+            group["foreach"] = True
         shape = (args.batch_size, info.in_channels, info.image_size, info.image_size)
         g = torch.Generator().manual_seed(1)
         self.x, self.xv = (torch.randn(shape, generator=g).to(device) for _ in range(2))
@@ -143,17 +148,19 @@ def main() -> int:
         c = CONFIGS[i]
         rows.append({"config": c["name"], "energy_weight": c["energy_weight"], "order": c["order"],
                      "partial_channels": c["partial_channels"], "device": args.device, "amp": args.amp,
-                     "step_s": medians[chosen.index(i)],
+                     "step_s": medians[chosen.index(i)], **count_step(runners[chosen.index(i)]),
                      "peak_mb": None if args.no_memory else memory_in_child(os.path.abspath(__file__), i,
                                                                               child_args(args))})
     base = rows[0]
     print(f"\nsearch step: {args.dataset} shape, batch {args.batch_size}, {args.layers} layers, "
           f"{args.init_channels} channels, {args.device}{' bf16' if args.amp else ''}, median of {args.steps}")
-    print(f"{'config':<18}{'w_e':>6}{'order':>8}{'K':>3}{'step s':>9}{'x plain':>9}{'peak MB':>10}{'x mem':>7}")
+    print(f"{'config':<18}{'w_e':>6}{'order':>8}{'K':>3}{'step s':>9}{'x plain':>9}{'aten ops':>10}{'x ops':>7}"
+          f"{'syncs':>7}{'h2d':>6}{'peak MB':>10}{'x mem':>7}")
     for r in rows:
         mem = f"{r['peak_mb']:>10.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}" if r["peak_mb"] else ""
         print(f"{r['config']:<18}{r['energy_weight']:>6g}{r['order']:>8}{r['partial_channels']:>3}"
-              f"{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{mem}")
+              f"{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{r['ops']:>10.0f}{r['ops'] / base['ops']:>7.2f}"
+              f"{r['syncs']:>7.0f}{r['h2d']:>6.0f}{mem}")
     default = next((k for k, i in enumerate(chosen) if CONFIGS[i]["name"] == "default"), None)
     if default is not None:
         term = energy_term_s(runners[default])
