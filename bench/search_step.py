@@ -57,7 +57,7 @@ class Runner:
                              skip_none=cfg["fast"]).to(device)
         self.model.set_channels_last(want_channels_last("auto" if cfg["fast"] else "off", device, self.amp))
         if cfg.get("compile"):
-            compile_cells(self.model)
+            compile_cells(self.model, (1, info.in_channels, info.image_size, info.image_size), whole=True)
         self.arch = Architect(self.model, energy_weight=cfg["energy_weight"], unrolled=cfg["order"] == "second")
         # multi-tensor (foreach) optimizers on every device, as torch picks them on CUDA: the operator counts
         # measured on the CPU are then those a GPU dispatches
@@ -91,21 +91,16 @@ class Runner:
 
 
 def energy_term_s(runner: Runner, repeats: int = 30) -> float:
-    """Median seconds of the energy term alone, forward and backward, as one architect step computes it (every
-    edge's expectation, their sum, the normalization, the alphas' gradient): the part of the `default` row that
-    `energy 0` does not pay, measured without the step's noise around it."""
+    """Median seconds of the energy term alone, forward and backward, as one architect step computes it (the
+    energy weights, E(alpha) from the network's table, the normalization, the alphas' gradient): the part of the
+    `default` row that `energy 0` does not pay, measured without the step's noise around it."""
     import time
     m, arch = runner.model, runner.arch
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        ew = {k: m.arch_weights(k)[1] for k in (False, True)}
-        total = None
-        for cell in m.cells:
-            for i, op in enumerate(cell._ops):
-                e = op.expected_energy(ew[cell.reduction][i])
-                total = e if total is None else total + e
-        torch.autograd.grad(arch.normalized_energy(total), m.arch_parameters()[:2])
+        energy = m.expected_energy({k: m.arch_weights(k)[1] for k in (False, True)})
+        torch.autograd.grad(arch.normalized_energy(energy), m.arch_parameters()[:2])
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -129,6 +124,8 @@ def main() -> int:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--compile", action="store_true", help="add the `compile` row (minutes of compiling first)")
     p.add_argument("--only", default=None, help="comma list of configuration names to run")
+    p.add_argument("--sync_debug", action="store_true",
+                   help="CUDA: also count the syncs torch.cuda.set_sync_debug_mode('warn') reports")
     p.add_argument("--no_memory", action="store_true", help="skip the per-configuration memory processes")
     p.add_argument("--json", default=None)
     p.add_argument("--_memory", type=int, default=None, help=argparse.SUPPRESS)
@@ -148,7 +145,8 @@ def main() -> int:
         c = CONFIGS[i]
         rows.append({"config": c["name"], "energy_weight": c["energy_weight"], "order": c["order"],
                      "partial_channels": c["partial_channels"], "device": args.device, "amp": args.amp,
-                     "step_s": medians[chosen.index(i)], **count_step(runners[chosen.index(i)]),
+                     "step_s": medians[chosen.index(i)],
+                     **count_step(runners[chosen.index(i)], cuda_sync_debug=args.sync_debug),
                      "peak_mb": None if args.no_memory else memory_in_child(os.path.abspath(__file__), i,
                                                                               child_args(args))})
     base = rows[0]
@@ -160,7 +158,8 @@ def main() -> int:
         mem = f"{r['peak_mb']:>10.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}" if r["peak_mb"] else ""
         print(f"{r['config']:<18}{r['energy_weight']:>6g}{r['order']:>8}{r['partial_channels']:>3}"
               f"{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{r['ops']:>10.0f}{r['ops'] / base['ops']:>7.2f}"
-              f"{r['syncs']:>7.0f}{r['h2d']:>6.0f}{mem}")
+              f"{r['syncs']:>7.0f}{r['h2d']:>6.0f}{mem}"
+              + (f"  cuda syncs {r['cuda_syncs']:.0f}" if "cuda_syncs" in r else ""))
     default = next((k for k, i in enumerate(chosen) if CONFIGS[i]["name"] == "default"), None)
     if default is not None:
         term = energy_term_s(runners[default])
