@@ -66,9 +66,8 @@ def weight_step(model, params, optimizer, x, y, grad_clip: float, check=lambda v
     """One SGD step of the supernet's weights on a training batch; returns (logits, loss).
 
     Gradients are taken for the weights only (the alphas' gradient is not needed here, which saves backward
-    work); `check(tensor, what)` sees the loss and the gradient norm (device tensors: nothing is read to the host
-    here). `ddp`: the model wrapped in DistributedDataParallel (torchrun), whose reducer averages the gradients
-    across ranks."""
+    work); `check(tensor, what)` sees the loss and the gradient norm (device tensors: no host sync). `ddp`: the
+    model wrapped in DistributedDataParallel (torchrun), whose reducer averages the gradients across ranks."""
     logits, _ = (ddp or model)(x)
     loss = F.cross_entropy(logits, y)
     check(loss, "training loss")
@@ -101,8 +100,7 @@ class Search(EpochRunner):
         self.model = self.space.supernet(a, self.info, self.estimator).to(self.device).set_channels_last(
             want_channels_last(a.channels_last, self.device, a.amp))
         if a.compile:  # energies traced first, then each cell as one graph (CUDA graphs on a GPU)
-            utils.compile_cells(self.model, (1, self.info.in_channels, self.info.image_size, self.info.image_size),
-                                whole=True)
+            utils.compile_cells(self.model, (1, self.info.in_channels) + (self.info.image_size,) * 2, whole=True)
         self.weights = self.model.weight_parameters()
         self.optimizer = torch.optim.SGD(self.weights, a.learning_rate, momentum=a.momentum,
                                          weight_decay=a.weight_decay, nesterov=a.nesterov)
@@ -130,8 +128,7 @@ class Search(EpochRunner):
 
     def train_step(self, x, y, epoch: int, lr: float, check):
         """The alphas' step on a validation batch (not during the warm-up), then the weights' step on `x`."""
-        if utils.cuda_graphs(self.args, self.device):  # the last step's graph outputs are no longer needed
-            torch.compiler.cudagraph_mark_step_begin()
+        utils.step_begin(self.args, self.device)
         xv, yv = self.next_valid()
         if epoch >= self.args.warmup_epochs:  # warm-up: the alphas (and Adam's state) stay as they are
             if self.budget is not None:

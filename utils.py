@@ -87,9 +87,11 @@ def compile_cells(model: torch.nn.Module, input_shape: Optional[Sequence[int]] =
         cell.compile(**options)
 
 
-def cuda_graphs(args, device: torch.device) -> bool:
-    """True when `--compile` runs the search's cells as CUDA graphs (see `compile_cells`)."""
-    return bool(getattr(args, "compile", False)) and device.type == "cuda"
+def step_begin(args, device: torch.device) -> None:
+    """Call first in a search step: with `--compile` on CUDA (CUDA graphs, see `compile_cells`) it tells the graphs
+    that the last step's outputs are no longer needed, so their memory can be reused."""
+    if getattr(args, "compile", False) and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def autocast(device: torch.device, enabled: bool):
