@@ -64,63 +64,92 @@ class Architect:
 
     # ----------------------------------------------------------------------------------------------- step
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,
-             eta: float, network_optimizer: Optional[torch.optim.Optimizer] = None) -> float:
-        """One update of the alphas; `eta` is the weights' current learning rate (used by the unrolled step)."""
+             eta: float, network_optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+        """One update of the alphas; `eta` is the weights' current learning rate (used by the unrolled step).
+        Returns the architecture loss as a 0-dim tensor on the device (reading it would stall the step)."""
         self.optimizer.zero_grad(set_to_none=True)
+        arch = self.model.arch_parameters()
         if self.unrolled:
             with autocast_off():  # finite differences of size ~1e-2/||v|| do not survive bf16, whatever --amp says
-                loss = self._backward_unrolled(x_train, y_train, x_valid, y_valid, eta, network_optimizer)
+                loss, grads = self._unrolled_gradients(x_train, y_train, x_valid, y_valid, eta, network_optimizer)
         else:
             with self.autocast():
                 loss = self._val_loss(self.model(x_valid), y_valid)
-            grads = torch.autograd.grad(loss, self.model.arch_parameters())
-            for p, g in zip(self.model.arch_parameters(), grads):
-                p.grad = g
+            grads = torch.autograd.grad(loss, arch)
+        for p, g in zip(arch, grads):
+            p.grad = g
         if self.grad_hook is not None:
-            self.grad_hook([p.grad for p in self.model.arch_parameters()])
+            self.grad_hook([p.grad for p in arch])
         self.optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     # ----------------------------------------------------------------------------------- second order
     def _weights(self) -> List[Tuple[str, torch.nn.Parameter]]:
         arch = {id(p) for p in self.model.arch_parameters()}
         return [(n, p) for n, p in self.model.named_parameters() if id(p) not in arch]
 
-    def _buffers(self) -> Dict[str, torch.Tensor]:
-        # Copies, so the unrolled forward does not move the real model's BatchNorm statistics.
-        return {n: b.clone() for n, b in self.model.named_buffers()}
+    def _scratch_statistics(self) -> Dict[str, torch.Tensor]:
+        """Stand-ins for the running statistics and counter of every BatchNorm in training mode, so that the
+        unrolled forward does not move the real model's. In training mode BatchNorm only writes them (it
+        normalizes with the batch's own statistics), so they are allocated once and never copied: no per-step
+        clone of any buffer. BatchNorms in eval mode read their statistics and write none: they keep their own."""
+        scratch = self.__dict__.setdefault("_scratch", {})
+        out = {}
+        for m, mod in self.model.named_modules():
+            if not (isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.training
+                    and mod.track_running_stats):
+                continue
+            for b in ("running_mean", "running_var", "num_batches_tracked"):
+                real = getattr(mod, b)
+                name = f"{m}.{b}" if m else b
+                have = scratch.get(name)
+                if have is None or have.shape != real.shape or have.device != real.device:
+                    have = scratch[name] = torch.zeros_like(real)
+                out[name] = have
+        return out
+
+    def inner_gradients(self, x: torch.Tensor, y: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        """dL_train/dw of the weights `params` on a training batch (zeros for a weight the loss does not reach):
+        the inner problem's gradient that the unrolled step is built on."""
+        logits, _ = self.model(x)
+        grads = torch.autograd.grad(F.cross_entropy(logits, y), params, allow_unused=True)
+        return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
 
     def unrolled_weights(self, x: torch.Tensor, y: torch.Tensor, eta: float,
                          network_optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, torch.Tensor]:
-        """w' = w - eta * (momentum + dL_train/dw + wd * w): one SGD step of the weights, as DARTS unrolls it."""
+        """w' = w - eta * (momentum + dL_train/dw + wd * w): one SGD step of the weights, as DARTS unrolls it
+        (multi-tensor operators: a handful of kernels for all the weights, not several per weight)."""
         named = self._weights()
         params = [p for _, p in named]
-        logits, _ = self.model(x)
-        grads = self._shared(torch.autograd.grad(F.cross_entropy(logits, y), params, allow_unused=True))
-        out = {}
-        for (name, p), g in zip(named, grads):
-            d = (g if g is not None else torch.zeros_like(p)) + self.network_weight_decay * p.detach()
-            state = network_optimizer.state.get(p, {}) if network_optimizer is not None else {}
-            buf = state.get("momentum_buffer")
-            if buf is not None:
-                d = d + self.network_momentum * buf
-            out[name] = (p.detach() - eta * d).requires_grad_(True)
-        return out
+        grads = self._shared(self.inner_gradients(x, y, params))
+        with torch.no_grad():
+            d = torch._foreach_mul(params, self.network_weight_decay)
+            torch._foreach_add_(d, grads)
+            state = network_optimizer.state if network_optimizer is not None else {}
+            with_buf = [(i, state[p]["momentum_buffer"]) for i, p in enumerate(params)
+                        if state.get(p, {}).get("momentum_buffer") is not None]
+            if with_buf:
+                moved = torch._foreach_mul([b for _, b in with_buf], self.network_momentum)
+                torch._foreach_add_([d[i] for i, _ in with_buf], moved)
+            torch._foreach_mul_(d, eta)
+            w_prime = torch._foreach_sub(params, d)
+        return {name: w.requires_grad_(True) for (name, _), w in zip(named, w_prime)}
 
-    def _backward_unrolled(self, x_train, y_train, x_valid, y_valid, eta, network_optimizer) -> torch.Tensor:
+    def _unrolled_gradients(self, x_train, y_train, x_valid, y_valid, eta, network_optimizer):
+        """The second-order step's loss and alpha gradients: dL_val(w', alpha)/dalpha - eta * (Hessian-vector
+        product of the training loss with dL_val/dw')."""
         w_prime = self.unrolled_weights(x_train, y_train, eta, network_optimizer)
         arch = self.model.arch_parameters()
-        out = functional_call(self.model, {**w_prime, **self._buffers()}, (x_valid,))
+        out = functional_call(self.model, {**w_prime, **self._scratch_statistics()}, (x_valid,))
         loss = self._val_loss(out, y_valid)
-        names = list(w_prime)
-        grads = torch.autograd.grad(loss, arch + [w_prime[n] for n in names], allow_unused=True)
+        wp = list(w_prime.values())
+        grads = torch.autograd.grad(loss, arch + wp, allow_unused=True)
         dalpha = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads[:len(arch)], arch)]
-        vector = [g if g is not None else torch.zeros_like(w_prime[n]) for g, n in zip(grads[len(arch):], names)]
+        vector = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[len(arch):], wp)]
         vector = self._shared(vector)
         implicit = self.hessian_vector_product(vector, x_train, y_train)
-        for a, g, ig in zip(arch, dalpha, implicit):
-            a.grad = g - eta * ig
-        return loss.detach()
+        torch._foreach_mul_(implicit, eta)
+        return loss, torch._foreach_sub(dalpha, implicit)
 
     def _shared(self, grads) -> list:
         """Inner gradients of the unrolled step as every rank must use them: under torchrun averaged across ranks
@@ -133,32 +162,26 @@ class Architect:
     def hessian_vector_product(self, vector: List[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                                r: float = 1e-2) -> List[torch.Tensor]:
         """d/dalpha (dL_train/dw . v) by central finite differences: (g(w + R v) - g(w - R v)) / (2 R),
-        R = r / ||v||, g = dL_train/dalpha (DARTS; note the division by 2R, not `/2.*R`)."""
-        params = [p for _, p in self._weights()]
-        norm = torch.sqrt(sum((v * v).sum() for v in vector))
-        if float(norm) == 0.0:
-            return [torch.zeros_like(a) for a in self.model.arch_parameters()]
-        R = r / norm
-        arch = self.model.arch_parameters()
-        saved = [p.detach().clone() for p in params] if self.grad_hook is not None else None
+        R = r / ||v||, g = dL_train/dalpha (DARTS; note the division by 2R, not `/2.*R`).
 
-        def grad_alpha() -> List[torch.Tensor]:
-            logits, _ = self.model(x)
+        The weights w +- R v are new tensors run through `functional_call`: the real weights are never moved
+        and put back (no rounding drift, identical on every torchrun rank), and ||v|| stays on the device (a
+        zero v gives R v = 0, so both sides agree and the product is 0, with no host sync to test for it)."""
+        named = self._weights()
+        params = [p for _, p in named]
+        arch = self.model.arch_parameters()
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector)))
+            R = r / norm.clamp_min(1e-30)
+            Rv = torch._foreach_mul(vector, R)
+            sides = (torch._foreach_add(params, Rv), torch._foreach_sub(params, Rv))
+
+        def grad_alpha(weights: List[torch.Tensor]) -> List[torch.Tensor]:
+            logits, _ = functional_call(self.model, {n: w for (n, _), w in zip(named, weights)}, (x,))
             g = torch.autograd.grad(F.cross_entropy(logits, y), arch, allow_unused=True)
             return [gi if gi is not None else torch.zeros_like(a) for gi, a in zip(g, arch)]
 
-        with torch.no_grad():
-            for p, v in zip(params, vector):
-                p.add_(R * v)
-        grads_p = grad_alpha()
-        with torch.no_grad():
-            for p, v in zip(params, vector):
-                p.sub_(2 * R * v)
-        grads_n = grad_alpha()
-        with torch.no_grad():
-            for p, v in zip(params, vector):
-                p.add_(R * v)
-            if self.grad_hook is not None:  # torchrun: w + Rv - 2Rv + Rv rounds differently on each rank (v is
-                for p, w in zip(params, saved):  # per rank), so put the exact shared weights back
-                    p.copy_(w)
-        return [(gp - gn) / (2 * R) for gp, gn in zip(grads_p, grads_n)]
+        grads_p, grads_n = (grad_alpha(w) for w in sides)
+        diff = torch._foreach_sub(grads_p, grads_n)
+        torch._foreach_div_(diff, 2 * R)
+        return diff

@@ -196,13 +196,17 @@ def search_loaders(train_data, args, device):
     if split < 1 or split >= n:
         raise DataError(f"--train_portion {args.train_portion} leaves an empty half of {n} training images")
     idx = list(range(n))
+    # --compile on CUDA runs CUDA graphs of one batch shape: the last partial batch is dropped, not recompiled
+    drop = bool(getattr(args, "compile", False)) and device.type == "cuda"
     if distributed.enabled():  # torchrun: each rank reads its own share of each half (set_epoch reshuffles)
         from torch.utils.data import Subset
         halves = [Subset(train_data, idx[:split]), Subset(train_data, idx[split:])]
-        return tuple(_loader(h, args.batch_size, args.workers, device, distributed.train_sampler(h, args.seed))
-                     for h in halves)
-    train = _loader(train_data, args.batch_size, args.workers, device, SubsetRandomSampler(idx[:split]))
-    valid = _loader(train_data, args.batch_size, args.workers, device, SubsetRandomSampler(idx[split:]))
+        return tuple(_loader(h, args.batch_size, args.workers, device, distributed.train_sampler(h, args.seed),
+                             drop_last=drop) for h in halves)
+    train = _loader(train_data, args.batch_size, args.workers, device, SubsetRandomSampler(idx[:split]),
+                    drop_last=drop)
+    valid = _loader(train_data, args.batch_size, args.workers, device, SubsetRandomSampler(idx[split:]),
+                    drop_last=drop)
     return train, valid
 
 

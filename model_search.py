@@ -19,7 +19,7 @@ import functools
 from derivation import derivable, derive, derive_genotype, guard_derivation  # noqa: F401 (re-exported)
 from genotypes import Genotype
 from layout import BatchNorm2d, LayoutMixin, like
-from operations import POOLS, FactorizedReduce, ReLUConvBN, attach_estimator, build_op
+from operations import POOLS, FactorizedReduce, ReLUConvBN, attach_estimator, build_op, energy_version
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -54,6 +54,12 @@ class MixedOp(nn.Module):
         if self.k > 1 and stride == 2:
             self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self._energy_vec: Optional[torch.Tensor] = None
+        self._energy_vec_version = -1
+
+    @property
+    def _active(self):
+        """(index, op, BN after it or None) of every op that runs, in primitive order."""
+        return [(i, self._ops[i], self._post[str(i)] if str(i) in self._post else None) for i in self.active]
 
     def derivable_ops(self):
         """The ops derivation may choose (every op but `none`), in primitive order."""
@@ -61,11 +67,10 @@ class MixedOp(nn.Module):
 
     def op_energies(self) -> torch.Tensor:
         """Cached energies (J per sample) of the derivable ops, as a float64 tensor (rebuilt when they change)."""
-        vec = self._energy_vec
-        values = self._derivable_energies()
-        if vec is None or vec.tolist() != values:
-            vec = self._energy_vec = torch.tensor(values, dtype=torch.float64)
-        return vec
+        if self._energy_vec is None or self._energy_vec_version != energy_version():
+            self._energy_vec = torch.tensor(self._derivable_energies(), dtype=torch.float64)
+            self._energy_vec_version = energy_version()
+        return self._energy_vec
 
     def expected_energy(self, energy_weights: torch.Tensor) -> torch.Tensor:
         e = self.op_energies().to(device=energy_weights.device, dtype=energy_weights.dtype)
@@ -73,24 +78,30 @@ class MixedOp(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor,
                 energy_weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(output, expected energy of this edge): the contract of one edge on its own. The supernets call `mix`
+        and price every edge at once from their energy table (`SupernetMixin.expected_energy`)."""
+        return self.mix(x, weights), self.expected_energy(energy_weights)
+
+    def mix(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the active ops' outputs (`weights`: this edge's row of softmaxed alphas)."""
         if self.k > 1:
             width = x.shape[1] // self.k
             xa, xb = like(x[:, :width], x), x[:, width:]
         else:
             xa = x
+        w = weights.unbind()  # one operator for every op's weight (and one stack in the backward)
         out = None
-        for i in self.active:
-            y = self._ops[i](xa)
-            post = self._post[str(i)] if str(i) in self._post else None
+        for i, op, post in self._active:
+            y = op(xa)
             if post is not None:
                 y = post(y)
-            y = weights[i] * y
-            out = y if out is None else out + y
+            # not addcmul: its fused multiply-add rounds once, so the search would no longer reproduce its numbers
+            out = w[i] * y if out is None else out + w[i] * y
         if self.k > 1:
             if self.stride == 2:
                 xb = self.bypass_pool(xb)
             out = channel_shuffle(torch.cat([out, xb], dim=1), self.k)
-        return out, self.expected_energy(energy_weights)
+        return out
 
     def _derivable_energies(self) -> List[float]:
         # `none` (derivable in NB201) costs nothing in a derived network; its op never runs here (`active`)
@@ -117,21 +128,23 @@ class Cell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self._ops.append(MixedOp(C, stride, primitives, partial_channels, skip_none))
 
-    def forward(self, s0, s1, weights, energy_weights, edge_weights=None):
+    def forward(self, s0, s1, weights: torch.Tensor, edge_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The cell's output from its two inputs; `weights`: softmaxed alphas (edges x ops), `edge_weights`:
+        PC-DARTS's per-edge weights. The energy of the cell's edges is the network's (`expected_energy`)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        energy = None
+        rows = weights.unbind()
+        edges = edge_weights.unbind() if edge_weights is not None else None
         offset = 0
         for i in range(self.steps):
             total = None
             for j, h in enumerate(states):
-                out, e = self._ops[offset + j](h, weights[offset + j], energy_weights[offset + j])
-                if edge_weights is not None:
-                    out = edge_weights[offset + j] * out
+                out = self._ops[offset + j].mix(h, rows[offset + j])
+                if edges is not None:
+                    out = edges[offset + j] * out
                 total = out if total is None else total + out
-                energy = e if energy is None else energy + e
             offset += len(states)
             states.append(total)
-        return torch.cat(states[-self.multiplier:], dim=1), energy
+        return torch.cat(states[-self.multiplier:], dim=1)
 
 
 class SupernetMixin:
@@ -146,6 +159,71 @@ class SupernetMixin:
         """Hand the energy estimator to every op (energies are re-estimated on the next forward)."""
         self.estimator = estimator
         attach_estimator(self, estimator)
+
+    # ------------------------------------------------------------------------------------------- energy
+    def energy_cells(self) -> List[Tuple[bool, Sequence[MixedOp]]]:  # pragma: no cover - abstract
+        """(cell kind, its edges' MixedOps) of every cell with alphas, in forward order."""
+        raise NotImplementedError
+
+    def _energy_state(self) -> dict:
+        """The device-side energy table, rebuilt only when some op's cached energy changed: `table` (float64,
+        cells x edges x derivable ops, a non-persistent buffer: it follows `.to()` and stays out of checkpoints),
+        cells in reverse order (see `expected_energy`), and `bounds` (E_min, E_max) as Python floats."""
+        state = getattr(self, "_energy_cache", None)
+        device = self.arch_parameters()[0].device
+        if state is not None and state["version"] == energy_version() and self.energy_table.device == device:
+            return state
+        cells = self.energy_cells()
+        table = torch.tensor([[mixed._derivable_energies() for mixed in edges] for _, edges in reversed(cells)],
+                             dtype=torch.float64)
+        old = getattr(self, "energy_table", None)
+        if old is not None and old.shape == table.shape and old.device == device:
+            old.copy_(table)  # in place: whoever holds the buffer (DDP's buffer list) sees the new energies
+        else:
+            self.register_buffer("energy_table", table.to(device), persistent=False)
+        lo = hi = 0.0
+        for _, edges in cells:
+            for mixed in edges:
+                a, b = mixed.energy_range()
+                lo, hi = lo + a, hi + b
+        self._energy_cache = state = {"version": energy_version(), "bounds": (lo, hi),
+                                      "kinds": [kind for kind, _ in reversed(cells)]}
+        return state
+
+    def expected_energy(self, energy_weights: dict) -> torch.Tensor:
+        """E(alpha) = sum over cells and edges of sum_o p_o E_o (J per sample), once per forward from the table;
+        `energy_weights`: cell kind -> (edges x derivable ops) softmax over the derivable ops.
+
+        It rounds exactly as the per-edge sums it replaces (each edge's dot product, then the edges of a cell,
+        then the cells, left to right), and stacks the cells in reverse so that each alpha's gradient collects
+        the cells in the order autograd did there: the search's numbers do not move (tests/test_golden_run.py)."""
+        state = self._energy_state()
+        weights = torch.stack([energy_weights[kind] for kind in state["kinds"]])
+        per_edge = (weights * self.energy_table.to(weights.dtype)).sum(-1).unbind()  # cells in reverse
+        energy = None
+        for cell in reversed(per_edge):
+            edges = cell.unbind()
+            cell_energy = edges[0]
+            for e in edges[1:]:
+                cell_energy = cell_energy + e
+            energy = cell_energy if energy is None else energy + cell_energy
+        return energy
+
+    def energy_bounds(self) -> Tuple[float, float]:
+        """(E_min, E_max): every edge at its cheapest / most expensive derivable op (J per sample), computed
+        when the energies change, not per step."""
+        return self._energy_state()["bounds"]
+
+    def trace_energies(self, input_shape: Sequence[int]) -> None:
+        """Estimate every op's energy with one eager forward of a zero batch (eval mode: no BatchNorm statistic
+        moves, no gradient), e.g. before the cells are compiled."""
+        training = self.training
+        device = self.arch_parameters()[0].device
+        try:
+            with torch.no_grad():
+                self.eval()(torch.zeros(1, *input_shape[1:], device=device))
+        finally:
+            self.train(training)
 
     def new_model(self):
         """A fresh supernet with new weights and the same alphas (DARTS's `new()`)."""
@@ -200,6 +278,8 @@ class Network(SupernetMixin, LayoutMixin, nn.Module):
             self.betas_normal = nn.Parameter(1e-3 * torch.randn(k))
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(k))
         self._derivable = derivable(self.primitives)
+        # an index buffer, not a Python list: indexing with a list builds (and on a GPU copies) a tensor each time
+        self.register_buffer("derivable_index", torch.tensor(self._derivable), persistent=False)
         self.estimator = None
         if estimator is not None:
             self.set_estimator(estimator)
@@ -222,7 +302,7 @@ class Network(SupernetMixin, LayoutMixin, nn.Module):
     def arch_weights(self, reduction: bool):
         alphas = self.alphas_reduce if reduction else self.alphas_normal
         weights = F.softmax(alphas, dim=-1)
-        energy_weights = F.softmax(alphas[:, self._derivable], dim=-1)
+        energy_weights = F.softmax(alphas.index_select(1, self.derivable_index), dim=-1)
         edge = None
         if self.partial_channels > 1:
             edge = self._edge_weights(self.betas_reduce if reduction else self.betas_normal)
@@ -232,25 +312,18 @@ class Network(SupernetMixin, LayoutMixin, nn.Module):
         """Logits and the expected energy E(alpha) of the cells (J per sample, differentiable in the alphas)."""
         per_kind = {False: self.arch_weights(False), True: self.arch_weights(True)}
         s0 = s1 = self.stem(self.to_layout(x))
-        energy = None
         for cell in self.cells:
-            w, ew, edge = per_kind[cell.reduction]
-            s0, (s1, e) = s1, cell(s0, s1, w, ew, edge)
-            energy = e if energy is None else energy + e
+            w, _, edge = per_kind[cell.reduction]
+            s0, s1 = s1, cell(s0, s1, w, edge)
         logits = self.classifier(self.global_pooling(s1).flatten(1))
-        return logits, energy
+        return logits, self.expected_energy({kind: ew for kind, (_, ew, _) in per_kind.items()})
 
     def mixed_ops(self):
         for cell in self.cells:
             yield from cell._ops
 
-    def energy_bounds(self) -> Tuple[float, float]:
-        """(E_min, E_max): every edge at its cheapest / most expensive derivable op (J per sample)."""
-        lo = hi = 0.0
-        for op in self.mixed_ops():
-            a, b = op.energy_range()
-            lo, hi = lo + a, hi + b
-        return lo, hi
+    def energy_cells(self) -> List[Tuple[bool, Sequence[MixedOp]]]:
+        return [(cell.reduction, cell._ops) for cell in self.cells]
 
     # ----------------------------------------------------------------------------------------- derivation
     def softmaxed_alphas(self) -> dict:

@@ -270,7 +270,7 @@ def energy_network(arch: Any, in_channels: int, num_classes: int, channels: Opti
 
 # -------------------------------------------------------------------------------------------------- supernet
 class SearchCell(nn.Module):
-    """The supernet's cell: one MixedOp per edge; returns (output, expected energy of its edges)."""
+    """The supernet's cell: one MixedOp per edge; its edges' expected energy is the supernet's (one table)."""
 
     reduction = False
 
@@ -279,15 +279,9 @@ class SearchCell(nn.Module):
         self.edges = nn.ModuleList(MixedOp(C, 1, primitives, partial_channels, skip_none, pool_bn=False,
                                            derive_none=True) for _ in EDGES)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        energies = []
-
-        def edge(e: int, h: torch.Tensor) -> torch.Tensor:
-            # every op is derivable here, `none` included: the energy weights are the op weights
-            y, energy = self.edges[e](h, weights[e], weights[e])
-            energies.append(energy)
-            return y
-        return _node_sums(x, edge), torch.stack(energies).sum()
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        rows = weights.unbind()
+        return _node_sums(x, lambda e, h: self.edges[e].mix(h, rows[e]))
 
 
 def check_primitives(primitives: Sequence[str]) -> List[str]:
@@ -330,24 +324,18 @@ class Supernet(SupernetMixin, _Skeleton):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         weights = F.softmax(self.alphas, dim=-1)
         s = self.stem(self.to_layout(x))
-        energy = None
         for cell in self.cells:
-            if cell.reduction:
-                s = cell(s)
-                continue
-            s, e = cell(s, weights)
-            energy = e if energy is None else energy + e
-        return self.head(s), energy
+            s = cell(s) if cell.reduction else cell(s, weights)
+        # every op is derivable here, `none` included (priced 0 J): the energy weights are the op weights
+        return self.head(s), self.expected_energy({False: weights})
 
     def mixed_ops(self):
         for cell in self.cells:
             if not cell.reduction:
                 yield from cell.edges
 
-    def energy_bounds(self) -> Tuple[float, float]:
-        """(E_min, E_max): every edge at its cheapest / dearest derivable op (J per sample; `none` is 0 J)."""
-        ranges = [op.energy_range() for op in self.mixed_ops()]
-        return sum(lo for lo, _ in ranges), sum(hi for _, hi in ranges)
+    def energy_cells(self) -> List[Tuple[bool, Sequence[MixedOp]]]:
+        return [(False, cell.edges) for cell in self.cells if not cell.reduction]
 
     def softmaxed_alphas(self) -> Dict[str, List[List[float]]]:
         """Softmaxed alphas, edges x ops, for alphas.json (one cell kind: `cell`)."""

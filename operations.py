@@ -21,6 +21,15 @@ import torch.nn.functional as F
 from cliargs import CLIError
 from layout import BatchNorm2d
 
+# Bumped whenever any op's cached energy changes: a supernet rebuilds its device-side energy table only then
+# (one int compared per forward instead of every op's energy).
+_ENERGY_VERSION = [0]
+
+
+def energy_version() -> int:
+    """A counter that changes whenever some op's cached energy does."""
+    return _ENERGY_VERSION[0]
+
 
 class EnergyOp(nn.Module):
     """Base class of candidate ops: lazily estimated, cached energy per sample (joules)."""
@@ -46,8 +55,10 @@ class EnergyOp(nn.Module):
         raise NotImplementedError
 
     def track_energy(self, x: torch.Tensor) -> None:
-        """Estimate (once per per-sample shape) this op's energy at the deployment batch size."""
-        if self.estimator is None or self._estimating:
+        """Estimate (once per per-sample shape) this op's energy at the deployment batch size. Inside a compiled
+        graph nothing is estimated (the estimator is Python work dynamo must not trace): `utils.compile_cells`
+        traces the energies eagerly first."""
+        if self.estimator is None or self._estimating or torch.compiler.is_compiling():
             return
         shape = tuple(x.shape[1:])
         if self.energy_flag and shape == self._energy_shape:
@@ -61,7 +72,7 @@ class EnergyOp(nn.Module):
             self._estimating = False
         self._energy_shape = tuple(x.shape[1:])
         self.energy_flag = 1
-
+        _ENERGY_VERSION[0] += 1
 
     def pricing_module(self) -> nn.Module:
         """The module this op's energy is estimated on: itself, or its full-width twin (`priced_as`), built on
@@ -113,6 +124,7 @@ def attach_estimator(module: nn.Module, estimator) -> None:
         if isinstance(m, EnergyOp):
             m.estimator = estimator
             m.energy, m.energy_flag, m._energy_shape = 0.0, 0, None
+    _ENERGY_VERSION[0] += 1
 
 
 class Sequential(EnergyOp):

@@ -108,6 +108,9 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=bounded("threads"), default=None,
                    help="CPU threads of torch (0: the cores this process may use, less the machine's load, so a "
                         "busy machine is not oversubscribed; digits trains with 1: 8x8 images gain nothing from more)")
+    p.add_argument("--report_freq", type=positive_int, default=50,
+                   help="steps between reads of the running loss and accuracy (and the non-finite checks) from the "
+                        "device: a read stalls the GPU, so a step reads nothing")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every cell (inductor; minutes of compiling first); pays on GPUs, not on "
                         "small CPUs")

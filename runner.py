@@ -5,7 +5,8 @@ checkpoint with the RNG state and resume, the epoch loop under Ctrl-C / SIGTERM 
 checks, the metric rows and wandb. A script fills in what differs:
 
     build()                          data, model, `optimizer`, `scheduler`, `train_queue`, `info` (once, from __init__)
-    train_step(x, y, epoch, lr, check) -> (logits, loss)   one training batch; `check(value, what)` before stepping
+    train_step(x, y, epoch, lr, check) -> (logits, loss)   one training batch; `check(tensor, what)`: non-finite
+                                     check of a device tensor (read at the next --report_freq interval)
     evaluate() -> row                what the epoch's evaluation adds to its metrics row
     before_epoch(epoch) -> row       settings of the epoch (energy weight, drop path), also logged in the row
     after_epoch(epoch, row) -> bool  derive, decide; True ends the run after this epoch (its checkpoint included)
@@ -142,30 +143,54 @@ class EpochRunner:
 
     # ------------------------------------------------------------------------------------------- epochs
     def train_epoch(self, epoch: int, lr: float, control: RunControl) -> Dict[str, float]:
-        """One pass over the training queue with `train_step`; loss and accuracy averaged over every rank."""
+        """One pass over the training queue with `train_step`; loss and accuracy averaged over every rank.
+
+        Nothing is read to the host inside a step: loss and accuracy sums and the non-finite checks stay on the
+        device and are read every `--report_freq` steps and at the end (one sync each time), so a GPU never waits
+        for the host. A non-finite value stops the run at the next read (the checkpoint is only written after an
+        epoch, so it is still the last good one)."""
         from tqdm import tqdm
         self.model.train()
         distributed.set_epoch([self.train_queue], epoch)
-        loss_m, acc_m = utils.AvgMeter(), utils.AvgMeter()
+        meter, flags = utils.DeviceMeter(["loss", "acc"]), utils.FiniteFlags()
         bar = tqdm(self.train_queue, desc=f"{self.script} {epoch + 1}/{self.args.epochs}", leave=False,
                    dynamic_ncols=True, disable=None)
+        every = getattr(self.args, "report_freq", None) or 50
+        first = 0
+
+        def read(step: int) -> None:
+            bad = flags.bad()
+            if bad is not None:
+                what, value = bad
+                span = f"{what} in steps {first}-{step}" if step > first else what
+                control.check_finite(value, span, epoch, step)
+            avg = meter.read()
+            bar.set_postfix(loss=f"{avg['loss']:.3f}", acc=f"{avg['acc']:.1f}")
+
+        step = -1
         for step, (x, y) in enumerate(bar):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            logits, loss = self.train_step(x, y, epoch, lr,
-                                           lambda value, what: control.check_finite(value, what, epoch, step))
-            loss_m.update(loss.item(), y.size(0))
-            acc_m.update(utils.accuracy(logits.detach(), y)[0], y.size(0))
-            bar.set_postfix(loss=f"{loss_m.avg:.3f}", acc=f"{acc_m.avg:.1f}")
+            logits, loss = self.train_step(x, y, epoch, lr, flags.check)
+            hits = utils.correct_counts(logits.detach(), y)[0]
+            meter.add(torch.stack([loss.detach().to(torch.float64), hits.to(torch.float64) * 100.0 / y.size(0)]),
+                      y.size(0))
+            if step == 0 or (step + 1) % every == 0:  # step 0 too: a damaged checkpoint is named at once
+                read(step)
+                first = step + 1
             if control.stop_requested:
                 break
-        return distributed.average_metrics({"train_loss": loss_m.avg, "train_acc": acc_m.avg}, acc_m.n)
+        if step >= first:
+            read(step)
+        avg = meter.read()
+        return distributed.average_metrics({"train_loss": avg["loss"], "train_acc": avg["acc"]}, meter.n)
 
     @torch.no_grad()
     def evaluate_queue(self, queue, prefix: str) -> Tuple[Dict[str, float], Any]:
-        """Loss and accuracy (top-5 too beyond 10 classes) over `queue`; also the network's second output of the
-        last batch (the supernet's expected energy)."""
+        """Loss and accuracy (top-5 too beyond 10 classes) over `queue`, summed on the device and read once; also
+        the network's second output of the last batch (the supernet's expected energy)."""
         self.model.eval()
-        loss_m, top1, top5 = utils.AvgMeter(), utils.AvgMeter(), utils.AvgMeter()
+        topk = (1, 5) if self.info.num_classes > 10 else (1,)
+        meter = utils.DeviceMeter(["loss"] + [f"top{k}" for k in topk])
         second = None
         for x, y in queue:
             if self.control is not None and self.control.stop_requested:
@@ -173,15 +198,14 @@ class EpochRunner:
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
                 logits, second = self.model(x)
-                loss = torch.nn.functional.cross_entropy(logits, y)
-            loss_m.update(loss.item(), y.size(0))
-            a1, a5 = utils.accuracy(logits, y, (1, 5))
-            top1.update(a1, y.size(0))
-            top5.update(a5, y.size(0))
-        out = {f"{prefix}_loss": loss_m.avg, f"{prefix}_acc": top1.avg}
+                loss = torch.nn.functional.cross_entropy(logits, y).to(torch.float64)
+            hits = utils.correct_counts(logits, y, topk).to(torch.float64) * 100.0 / y.size(0)
+            meter.add(torch.cat([loss.reshape(1), hits]), y.size(0))
+        avg = meter.read()
+        out = {f"{prefix}_loss": avg["loss"], f"{prefix}_acc": avg["top1"]}
         if self.info.num_classes > 10:
-            out[f"{prefix}_acc_top5"] = top5.avg
-        return distributed.average_metrics(out, top1.n), second
+            out[f"{prefix}_acc_top5"] = avg["top5"]
+        return distributed.average_metrics(out, meter.n), second
 
     def run(self, tracker: Tracker, control: RunControl) -> Dict[str, Any]:
         """The epochs from `start_epoch`; every epoch ends with its metrics row, files and checkpoint."""

@@ -190,10 +190,10 @@ class Trainer(EpochRunner):
             loss = self.criterion(logits, y)
             if logits_aux is not None:
                 loss = loss + self.args.auxiliary_weight * self.criterion(logits_aux, y)
-        check(loss.item(), "training loss")
+        check(loss, "training loss")
         loss.backward()
         clip = self.args.grad_clip or math.inf  # NB201's protocol does not clip: the norm is still checked
-        check(float(nn.utils.clip_grad_norm_(self.model.parameters(), clip)), "gradient")
+        check(nn.utils.clip_grad_norm_(self.model.parameters(), clip), "gradient")
         self.optimizer.step()
         return logits, loss
 

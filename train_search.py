@@ -64,12 +64,12 @@ def resolve(args: argparse.Namespace) -> None:
 
 def weight_step(model, params, optimizer, x, y, grad_clip, check=lambda v, w: None, ddp=None, autocast=nullcontext):
     """One SGD step of the weights on a training batch; returns (logits, loss). Gradients for the weights only (less
-    backward work); `check(value, what)` sees the loss and gradient norm before the step; `ddp`: the model in DDP
+    backward work); `check(tensor, what)` sees the loss and gradient norm (device tensors: no host sync); `ddp`: the model in DDP
     (torchrun: its reducer averages the gradients); `autocast`: the context of this forward and loss (--amp)."""
     with autocast():
         logits, _ = (ddp or model)(x)
         loss = F.cross_entropy(logits, y)
-    check(loss.item(), "training loss")
+    check(loss, "training loss")
     if ddp is None:
         grads = torch.autograd.grad(loss, params)
         for p, g in zip(params, grads):
@@ -79,7 +79,7 @@ def weight_step(model, params, optimizer, x, y, grad_clip, check=lambda v, w: No
         loss.backward()
         for a in model.arch_parameters():
             a.grad = None  # the architect computes the alphas' own gradients
-    check(float(torch.nn.utils.clip_grad_norm_(params, grad_clip)), "weight gradient")
+    check(torch.nn.utils.clip_grad_norm_(params, grad_clip), "weight gradient")
     optimizer.step()
     return logits, loss
 
@@ -98,8 +98,8 @@ class Search(EpochRunner):
         self.space = spaces.get(a.space)
         self.model = self.space.supernet(a, self.info, self.estimator).to(self.device).set_channels_last(
             want_channels_last(a.channels_last, self.device, a.amp))
-        if a.compile:
-            utils.compile_cells(self.model)
+        if a.compile:  # energies traced first, then each cell as one graph (CUDA graphs on a GPU)
+            utils.compile_cells(self.model, (1, self.info.in_channels) + (self.info.image_size,) * 2, whole=True)
         self.weights = self.model.weight_parameters()
         self.optimizer = torch.optim.SGD(self.weights, a.learning_rate, momentum=a.momentum,
                                          weight_decay=a.weight_decay, nesterov=a.nesterov)
@@ -128,6 +128,7 @@ class Search(EpochRunner):
 
     def train_step(self, x, y, epoch: int, lr: float, check):
         """The alphas' step on a validation batch (not during the warm-up), then the weights' step on `x`."""
+        utils.step_begin(self.args, self.device)
         xv, yv = self.next_valid()
         if epoch >= self.args.warmup_epochs:  # warm-up: the alphas (and Adam's state) stay as they are
             if self.budget is not None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -96,12 +97,29 @@ def free_cpus() -> int:
 _TORCH_THREADS = torch.get_num_threads()  # torch's default (physical cores), before any set_num_threads
 
 
-def compile_cells(model: torch.nn.Module) -> None:
+def compile_cells(model: torch.nn.Module, input_shape: Optional[Sequence[int]] = None, whole: bool = False) -> None:
     """`torch.compile` each cell in place (`Module.compile`: state_dict keys, checkpoints and functional_call stay
-    as they are). Cells, not the whole network: the stem, head and Python-side energy bookkeeping stay eager, and
-    cells of one shape share one compiled graph."""
+    as they are). Cells, not the whole network: the stem, head and the energy table stay eager, and cells of one
+    shape share one compiled graph.
+
+    A supernet (`input_shape`: one input's shape) has its op energies traced eagerly first, since the estimator is
+    Python work no graph should hold. `whole`: each cell must compile as one graph (`fullgraph=True`, a graph break
+    is an error), and on CUDA it runs as CUDA graphs (`mode="reduce-overhead"`: one launch per cell instead of
+    hundreds; the search's loaders then drop the last partial batch, so every step has the graph's shape). The
+    alphas are inputs of the graph: changing them recompiles nothing."""
+    if input_shape is not None:
+        model.trace_energies(input_shape)
+    cuda = any(p.is_cuda for p in model.parameters())
+    options = {"fullgraph": True, "mode": "reduce-overhead" if cuda else None} if whole else {}
     for cell in model.cells:
-        cell.compile()
+        cell.compile(**options)
+
+
+def step_begin(args, device: torch.device) -> None:
+    """Call first in a search step: with `--compile` on CUDA (CUDA graphs, see `compile_cells`) it tells the graphs
+    that the last step's outputs are no longer needed, so their memory can be reused."""
+    if getattr(args, "compile", False) and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -219,12 +237,60 @@ class AvgMeter:
         return self.sum / max(self.n, 1)
 
 
-def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Tuple[int, ...] = (1,)):
-    """Top-k accuracies in percent."""
+def correct_counts(logits: torch.Tensor, target: torch.Tensor, topk: Tuple[int, ...] = (1,)) -> torch.Tensor:
+    """Top-k hits of a batch, one float per k, left on the device (no host sync)."""
     maxk = min(max(topk), logits.shape[1])
     pred = logits.topk(maxk, 1, True, True).indices.t()
     correct = pred.eq(target.view(1, -1))
-    return [correct[:min(k, maxk)].reshape(-1).float().sum().item() * 100.0 / target.size(0) for k in topk]
+    return torch.stack([correct[:min(k, maxk)].reshape(-1).float().sum() for k in topk])
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Tuple[int, ...] = (1,)):
+    """Top-k accuracies in percent (read to the host)."""
+    return [c * 100.0 / target.size(0) for c in correct_counts(logits, target, topk).tolist()]
+
+
+class DeviceMeter:
+    """Running averages weighted by batch size, summed on the device in float64 and read with one host sync
+    (`read()`, at a log interval or the end of an epoch): the per-step `.item()`s of an AvgMeter stall a GPU.
+    `add(values, n)`: a 1-d tensor of batch means (one per name). Sums the same float64 products as AvgMeter."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names, self.n = list(names), 0
+        self.total: Optional[torch.Tensor] = None
+
+    def add(self, values: torch.Tensor, n: int) -> None:
+        v = values.detach().to(torch.float64) * n
+        self.total = v if self.total is None else self.total + v
+        self.n += n
+
+    def read(self) -> Dict[str, float]:
+        sums = self.total.tolist() if self.total is not None else [0.0] * len(self.names)
+        return {name: value / max(self.n, 1) for name, value in zip(self.names, sums)}
+
+
+class FiniteFlags:
+    """Non-finite checks of a step's tensors without a host sync: `check(value, what)` folds the value into a flag
+    on the device (`0 * value` is NaN exactly when the value is not finite); `bad()` reads them all at once and
+    returns the first (what, value) that was not finite, or None."""
+
+    def __init__(self) -> None:
+        self.flags: Dict[str, torch.Tensor] = {}
+
+    def check(self, value, what: str) -> None:
+        if not isinstance(value, torch.Tensor):
+            value = torch.tensor(float(value))
+        value = value.detach().reshape(())
+        flag = self.flags.get(what)
+        self.flags[what] = value * 0.0 if flag is None else flag.add(value, alpha=0.0)
+
+    def bad(self) -> Optional[Tuple[str, float]]:
+        if not self.flags:
+            return None
+        names = list(self.flags)
+        values = torch.stack([self.flags[n].to(torch.float64) for n in names]).tolist()
+        self.flags = {}
+        return next(((n, v) for n, v in zip(names, values) if not math.isfinite(v)), None)
 
 
 def count_params(model: torch.nn.Module, exclude: Tuple[str, ...] = ("auxiliary",)) -> int:

@@ -27,7 +27,7 @@ from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
 from layout import want_channels_last  # noqa: E402
-from timing import interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
+from timing import count_step, interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
 from utils import atomic_write_json, compile_cells  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
@@ -57,9 +57,14 @@ class Runner:
                              skip_none=cfg["fast"]).to(device)
         self.model.set_channels_last(want_channels_last("auto" if cfg["fast"] else "off", device, self.amp))
         if cfg.get("compile"):
-            compile_cells(self.model)
+            compile_cells(self.model, (1, info.in_channels, info.image_size, info.image_size), whole=True)
         self.arch = Architect(self.model, energy_weight=cfg["energy_weight"], unrolled=cfg["order"] == "second")
-        self.opt = torch.optim.SGD(self.model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+        # multi-tensor (foreach) optimizers on every device, as torch picks them on CUDA: the operator counts
+        # measured on the CPU are then those a GPU dispatches
+        self.opt = torch.optim.SGD(self.model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4,
+                                   foreach=True)
+        for group in self.arch.optimizer.param_groups:
+            group["foreach"] = True
         shape = (args.batch_size, info.in_channels, info.image_size, info.image_size)
         g = torch.Generator().manual_seed(1)
         self.x, self.xv = (torch.randn(shape, generator=g).to(device) for _ in range(2))
@@ -86,21 +91,16 @@ class Runner:
 
 
 def energy_term_s(runner: Runner, repeats: int = 30) -> float:
-    """Median seconds of the energy term alone, forward and backward, as one architect step computes it (every
-    edge's expectation, their sum, the normalization, the alphas' gradient): the part of the `default` row that
-    `energy 0` does not pay, measured without the step's noise around it."""
+    """Median seconds of the energy term alone, forward and backward, as one architect step computes it (the
+    energy weights, E(alpha) from the network's table, the normalization, the alphas' gradient): the part of the
+    `default` row that `energy 0` does not pay, measured without the step's noise around it."""
     import time
     m, arch = runner.model, runner.arch
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        ew = {k: m.arch_weights(k)[1] for k in (False, True)}
-        total = None
-        for cell in m.cells:
-            for i, op in enumerate(cell._ops):
-                e = op.expected_energy(ew[cell.reduction][i])
-                total = e if total is None else total + e
-        torch.autograd.grad(arch.normalized_energy(total), m.arch_parameters()[:2])
+        energy = m.expected_energy({k: m.arch_weights(k)[1] for k in (False, True)})
+        torch.autograd.grad(arch.normalized_energy(energy), m.arch_parameters()[:2])
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -124,6 +124,8 @@ def main() -> int:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--compile", action="store_true", help="add the `compile` row (minutes of compiling first)")
     p.add_argument("--only", default=None, help="comma list of configuration names to run")
+    p.add_argument("--sync_debug", action="store_true",
+                   help="CUDA: also count the syncs torch.cuda.set_sync_debug_mode('warn') reports")
     p.add_argument("--no_memory", action="store_true", help="skip the per-configuration memory processes")
     p.add_argument("--json", default=None)
     p.add_argument("--_memory", type=int, default=None, help=argparse.SUPPRESS)
@@ -144,16 +146,20 @@ def main() -> int:
         rows.append({"config": c["name"], "energy_weight": c["energy_weight"], "order": c["order"],
                      "partial_channels": c["partial_channels"], "device": args.device, "amp": args.amp,
                      "step_s": medians[chosen.index(i)],
+                     **count_step(runners[chosen.index(i)], cuda_sync_debug=args.sync_debug),
                      "peak_mb": None if args.no_memory else memory_in_child(os.path.abspath(__file__), i,
                                                                               child_args(args))})
     base = rows[0]
     print(f"\nsearch step: {args.dataset} shape, batch {args.batch_size}, {args.layers} layers, "
           f"{args.init_channels} channels, {args.device}{' bf16' if args.amp else ''}, median of {args.steps}")
-    print(f"{'config':<18}{'w_e':>6}{'order':>8}{'K':>3}{'step s':>9}{'x plain':>9}{'peak MB':>10}{'x mem':>7}")
+    print(f"{'config':<18}{'w_e':>6}{'order':>8}{'K':>3}{'step s':>9}{'x plain':>9}{'aten ops':>10}{'x ops':>7}"
+          f"{'syncs':>7}{'h2d':>6}{'peak MB':>10}{'x mem':>7}")
     for r in rows:
         mem = f"{r['peak_mb']:>10.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}" if r["peak_mb"] else ""
         print(f"{r['config']:<18}{r['energy_weight']:>6g}{r['order']:>8}{r['partial_channels']:>3}"
-              f"{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{mem}")
+              f"{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{r['ops']:>10.0f}{r['ops'] / base['ops']:>7.2f}"
+              f"{r['syncs']:>7.0f}{r['h2d']:>6.0f}{mem}"
+              + (f"  cuda syncs {r['cuda_syncs']:.0f}" if "cuda_syncs" in r else ""))
     default = next((k for k, i in enumerate(chosen) if CONFIGS[i]["name"] == "default"), None)
     if default is not None:
         term = energy_term_s(runners[default])

@@ -1,6 +1,7 @@
 """What both benchmarks share: interleaved timing of configurations and peak memory of one configuration."""
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -63,3 +64,74 @@ def memory_in_child(script: str, index: int, child_args: List[str]) -> float:
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return float(out.stdout.strip().splitlines()[-1])
+
+
+class DispatchCount:
+    """Counts what one step dispatches (a TorchDispatchMode, so it works on the CPU): every aten operator, host
+    syncs (`_local_scalar_dense`: `.item()`, `float(t)`, `bool(t)`, `tolist()` of device tensors) and copies of host
+    data onto the device (`lift_fresh`: `torch.tensor(python data)`, an H2D copy on an accelerator, plus copies
+    from a CPU tensor to another device). `with DispatchCount() as c: step()` then `c.ops`, `c.syncs`, `c.h2d`.
+    A scalar read inside torch.optim is not counted as a sync: it reads the optimizers' step counters, which live on
+    the host on a GPU too (unless capturable/fused), so it stalls nothing there."""
+
+    def __init__(self) -> None:
+        self.ops = self.syncs = self.h2d = 0
+        self._mode = None
+
+    def __enter__(self) -> "DispatchCount":
+        from torch.utils._python_dispatch import TorchDispatchMode
+        aten, counter = torch.ops.aten, self
+        copies = {aten._to_copy.default, aten.copy_.default}
+
+        def device_of(value):
+            return value.device if isinstance(value, torch.Tensor) else None
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                counter.ops += 1
+                if func is aten._local_scalar_dense.default:
+                    counter.syncs += not _in_optimizer()
+                elif func is aten.lift_fresh.default:
+                    counter.h2d += 1
+                elif func in copies:
+                    src = args[1] if func is aten.copy_.default else args[0]
+                    dst = device_of(args[0]) if func is aten.copy_.default else kwargs.get("device")
+                    if device_of(src) is not None and device_of(src).type == "cpu" and dst is not None \
+                            and torch.device(dst).type != "cpu":
+                        counter.h2d += 1
+                return func(*args, **kwargs)
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def _in_optimizer() -> bool:
+    import traceback
+    return any(f"torch{os.sep}optim{os.sep}" in frame.filename for frame in traceback.extract_stack())
+
+
+def count_step(runner, steps: int = 1, cuda_sync_debug: bool = False) -> Dict[str, float]:
+    """Dispatched aten operators, host syncs and host-to-device copies per step of `runner` (after its warm-up);
+    `cuda_sync_debug`: also the syncs CUDA itself reports (`torch.cuda.set_sync_debug_mode("warn")`, one warning
+    per synchronizing call) over a step run without the dispatch mode."""
+    with DispatchCount() as c:
+        for _ in range(steps):
+            runner.step()
+    out = {"ops": c.ops / steps, "syncs": c.syncs / steps, "h2d": c.h2d / steps}
+    if cuda_sync_debug and torch.cuda.is_available():
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    runner.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        out["cuda_syncs"] = sum("synchroniz" in str(w.message) for w in caught) / steps
+    return out

@@ -1,6 +1,8 @@
 """Fast paths equal the plain (DARTS) computation: weights-only and alphas-only gradients, skipped `none`,
 partial channels' shapes, and bf16 autocast within a stated tolerance."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from architect import Architect
 from dl_energy_estimator import EnergyEstimator
 from model_search import Network
 from train_search import weight_step
+import utils
+from conftest import ROOT
 
 PRIMS = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
 
@@ -137,9 +141,9 @@ def test_channels_last_modes():
 def test_compiled_cell_equals_eager():
     """--compile: one cell through torch.compile (inductor) gives the eager cell's output, energy and gradients."""
     net, x, y = make()
-    net(x)  # energies estimated (eagerly) first, as in a search
+    net.trace_energies(x.shape)  # energies estimated (eagerly) first, as in a search
     eager = copy.deepcopy(net)
-    net.cells[0].compile()
+    net.cells[0].compile(fullgraph=True)
     from torch._dynamo.utils import counters
     graphs = counters["stats"]["unique_graphs"]
     results = []
@@ -153,3 +157,66 @@ def test_compiled_cell_equals_eager():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     assert counters["stats"]["unique_graphs"] > graphs  # the cell really went through dynamo
     assert list(net.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        net.alphas_normal.add_(torch.randn_like(net.alphas_normal))
+    net(x)
+    assert counters["stats"]["unique_graphs"] == graphs  # new alphas are new inputs, not a recompile
+
+
+@pytest.mark.slow
+def test_a_search_cell_is_one_graph():
+    """--compile: a cell's forward is one dynamo graph with no break (energies traced first, outside it)."""
+    net, x, _ = make()
+    net.trace_energies(x.shape)
+    w, _, _ = net.arch_weights(False)
+    s = net.stem(net.to_layout(x))
+    explained = torch._dynamo.explain(net.cells[0])(s, s, w, None)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_search_step_reads_nothing_to_the_host(unrolled):
+    """A search step (architect + weights, non-finite checks on) dispatches no host sync and copies no host data
+    onto the device: losses and checks stay tensors, the energy table is a buffer built once."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from timing import DispatchCount
+    net, x, y = make()
+    arch = Architect(net, 0.01, unrolled=unrolled)
+    opt = torch.optim.SGD(net.weight_parameters(), 0.1, momentum=0.9, foreach=True)
+    flags = utils.FiniteFlags()
+
+    def step():
+        flags.check(arch.step(x, y, x, y, 0.1, opt), "architecture loss")
+        weight_step(net, net.weight_parameters(), opt, x, y, 5.0, flags.check)
+
+    step()  # the first step traces the energies and builds the table and the optimizers' state
+    with DispatchCount() as count:
+        step()
+    assert count.ops > 0 and count.syncs == 0 and count.h2d == 0
+    assert flags.bad() is None
+    flags.check(torch.tensor(float("inf")), "weight gradient")
+    assert flags.bad() == ("weight gradient", pytest.approx(float("nan"), nan_ok=True))
+
+
+def test_energy_table_follows_the_ops_energies():
+    """E(alpha) from the table equals the per-edge sum over the MixedOps; a changed op energy rebuilds it."""
+    net, x, _ = make()
+    _, energy = net(x)
+    ew = {k: net.arch_weights(k)[1] for k in (False, True)}
+    per_edge = sum(float(op.expected_energy(ew[cell.reduction][i])) for cell in net.cells
+                   for i, op in enumerate(cell._ops))
+    assert float(energy) == pytest.approx(per_edge, rel=1e-6)
+    base = EnergyEstimator.default()
+
+    class Tripled:  # an estimator that prices every op at 3x: the table must follow on the next forward
+        batch_size = base.batch_size
+
+        def op_energy(self, module, shape):
+            return 3 * base.op_energy(module, shape)
+
+    lo, hi = net.energy_bounds()
+    net.set_estimator(Tripled())
+    _, energy3 = net(x)
+    assert float(energy3) == pytest.approx(3 * float(energy), rel=1e-5)
+    assert net.energy_bounds() == pytest.approx((3 * lo, 3 * hi), rel=1e-9)
