@@ -31,8 +31,7 @@ import search_control
 import spaces
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return options.search_parser()
+build_parser = options.search_parser  # the flags (options.py holds both scripts' tables)
 
 
 def parse_args(argv: Optional[List[str]] = None):
