@@ -47,6 +47,8 @@ class EpochRunner:
                  log: logging.Logger) -> None:
         self.args, self.run_dir, self.log, self.ckpt, self.explicit = args, run_dir, log, ckpt, explicit
         self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
+        if self.device.type == "cpu" and not args.threads:  # recorded in args.json: a resume runs as many
+            args.threads = utils.free_cpus()
         utils.set_threads(self.device, args.threads)
         utils.set_seed(args.seed)  # the same seed on every rank: identical initial weights (and alphas)
         self.estimator = utils.load_estimator(args.energy_model, args.energy_batch_size)
