@@ -45,7 +45,6 @@ LIMITS = {
     "workers": (0, 1024, "data-loader workers are processes"),
     "threads": (0, 4096, "CPU threads"),
     "weight": (0.0, 1e4, "the normalized loss terms are ~1: larger weights only overflow the loss"),
-    "rate": (0.0, 1e30, "a learning rate or decay beyond this overflows float32 in the update"),
     "energy_mj": (0.0, 1e9, "an estimate of a megajoule per image is a damaged file"),
 }
 
@@ -79,7 +78,6 @@ energy_batch_int = bounded("energy_batch_size")
 epochs_int = bounded("epochs")
 size_int = bounded("size")
 weight_float = bounded("weight", float)
-rate_float = bounded("rate", float, positive=True)
 positive_int = _typed(int, lambda v: v > 0, "a positive integer")
 nonneg_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a positive number")

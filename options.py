@@ -13,7 +13,7 @@ import distributed
 import genotypes as G
 import search_control
 from cliargs import (batch_int, bounded, energy_batch_int, epochs_int, fraction, nonneg_float, nonneg_int,
-                     positive_float, positive_int, rate_float, seed_int, size_int, unit_float, weight_float)
+                     positive_float, positive_int, seed_int, size_int, unit_float, weight_float)
 from datasets import DATASETS, DataInfo, known_info
 
 DEFAULT_DATASET = "cifar10"  # DARTS's
@@ -122,7 +122,7 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """The weights' optimization and the network's size (DARTS's names); defaults from `DEFAULTS`."""
     p.add_argument("--batch_size", type=batch_int)
-    p.add_argument("--learning_rate", type=rate_float)
+    p.add_argument("--learning_rate", type=positive_float)
     p.add_argument("--momentum", type=unit_float)
     p.add_argument("--weight_decay", type=nonneg_float)
     p.add_argument("--epochs", type=epochs_int)
@@ -149,7 +149,7 @@ def search_parser() -> argparse.ArgumentParser:
                    help="weight of the normalized expected energy (0 = plain DARTS)")
     p.add_argument("--learning_rate_min", type=nonneg_float)
     p.add_argument("--train_portion", type=fraction)
-    p.add_argument("--arch_learning_rate", type=rate_float)
+    p.add_argument("--arch_learning_rate", type=positive_float)
     p.add_argument("--arch_weight_decay", type=nonneg_float)
     p.add_argument("--unrolled", action="store_true", help="second-order (unrolled) architecture step")
     add_speed_args(p)

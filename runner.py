@@ -46,8 +46,10 @@ class EpochRunner:
 
     def __init__(self, args: argparse.Namespace, run_dir: str, ckpt: Optional[Dict[str, Any]], explicit: set,
                  log: logging.Logger) -> None:
-        self.args, self.run_dir, self.log, self.ckpt = args, run_dir, log, ckpt
+        self.args, self.run_dir, self.log, self.ckpt, self.explicit = args, run_dir, log, ckpt, explicit
         self.device = utils.resolve_device(args.device, distributed.gpu_index(args.gpu))
+        if self.device.type == "cpu" and not args.threads:  # recorded in args.json: a resume runs as many
+            args.threads = utils.free_cpus()
         utils.set_threads(self.device, args.threads)
         utils.set_seed(args.seed)  # the same seed on every rank: identical initial weights (and alphas)
         utils.set_deterministic(args.deterministic, self.device)  # --deterministic: on for CPU runs, off on CUDA
@@ -213,7 +215,8 @@ class EpochRunner:
         if self.pending_rng is not None:
             utils.set_rng_state(self.pending_rng, self.device)
         control.context = {"weights": self.loss_weights(), "start_epoch": self.start_epoch,
-                           "resumed": self.ckpt["path"] if self.ckpt else None}
+                           "resumed": self.ckpt["path"] if self.ckpt else None, "learning_rate": a.learning_rate,
+                           "rate_changed": bool(self.explicit & {"learning_rate", "arch_learning_rate"})}
         control.in_epochs = True  # from here a signal stops after the current step, the checkpoint whole
         self.control = control
         for epoch in range(self.start_epoch, a.epochs):

@@ -681,20 +681,23 @@ class RunControl:
 def nonfinite_message(what: str, value: float, epoch: int, step: int, context: Dict[str, Any]) -> str:
     """The one line of a non-finite value: the likely cause this run can see, and what to do about it.
 
-    `context` may hold `resumed` (the checkpoint's path), `start_epoch` (the first epoch after it) and `weights`
-    (flag -> value of the loss weights). A value gone bad in the first step after a resume points at the
-    checkpoint (resuming it again would fail the same way); an extreme loss weight points at itself; otherwise
-    the usual cause is a learning rate too high for this network."""
+    `context` may hold `resumed` (the checkpoint's path), `start_epoch` (the first epoch after it), `weights`
+    (flag -> value of the loss weights), `learning_rate` and `rate_changed` (a rate given anew on resume). A
+    value gone bad in the first step after a resume with the same rates points at the checkpoint (resuming it
+    again would fail the same way); an extreme loss weight points at itself; otherwise the usual cause is a
+    learning rate too high for this network."""
     where = f"non-finite {what} ({value}) at epoch {epoch + 1}, step {step}"
     extreme = [f"--{k} {v:g}" for k, v in sorted(context.get("weights", {}).items()) if abs(v) > EXTREME_WEIGHT]
-    if context.get("resumed") and epoch == context.get("start_epoch") and step == 0:
+    rate = f" (--learning_rate {context['learning_rate']:g})" if context.get("learning_rate") else ""
+    if (context.get("resumed") and epoch == context.get("start_epoch") and step == 0 and not extreme
+            and not context.get("rate_changed")):
         return (f"{where}, the first step after resuming {context['resumed']}: the checkpoint is likely damaged "
                 f"(resuming it again fails the same way); start the run again from scratch, or from a copy of an "
                 f"earlier checkpoint")
     if extreme:
         return (f"{where}: the loss weight {', '.join(extreme)} is extreme (the normalized terms are ~1, weights "
                 f"above {EXTREME_WEIGHT:g} only overflow); use a weight in [0, {EXTREME_WEIGHT:g}]")
-    return f"{where}: the learning rate is likely too high for this network; lower --learning_rate"
+    return f"{where}: the learning rate{rate} is likely too high for this network; lower --learning_rate"
 
 
 EXTREME_WEIGHT = 100.0  # loss weights above this (the door allows up to cliargs.LIMITS['weight']) are named
