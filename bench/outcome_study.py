@@ -5,13 +5,15 @@ of the trained network? One command runs (or resumes) every search and every tra
     python bench/outcome_study.py --report            # only the tables and pareto.png from what has finished
     python bench/outcome_study.py --jobs 2 --seeds 0,1,2 --out log/outcome
 
-Protocol (constants below, chosen to fit 2 CPU cores): Fashion-MNIST resized to 14x14; each search sees a stratified
-subset of 2,000 training images (1,000 for the weights, 1,000 for the alphas), 10 epochs, its arch learning rate
-from the search's length (architect.arch_lr_for_steps: 0.037 for 160 steps); NB201 supernet 8 channels, N=1;
-DARTS supernet 6 channels, 3 cells, 8 primitives. Every derived cell is trained from scratch under one protocol
-per space (a stratified 5,000-image subset of the training split, the full 10,000-image test split, final epoch
-reported) and priced by the analytical estimator at that network's size; NB201 cells also get the measured
-latencies of `../shared/measurements/nb201_latency_ms.csv` through `--benchmark`.
+Protocol (constants below, sized for 2 shared CPU cores): Fashion-MNIST resized to 14x14 (area averaging); the arch
+learning rate of every search from its length (architect.arch_lr_for_steps). NB201: supernet 8 channels, N=1,
+a stratified 2,000-image subset (1,000 for the weights, 1,000 for the alphas), 10 epochs (160 arch steps, lr
+0.037). DARTS: supernet 4 channels, 3 cells, its 8 primitives, a 1,000-image subset, batch 128, 8 epochs (32 arch
+steps, lr 0.18: the supernet's step costs the same at any batch this small, so fewer, larger batches). Every derived cell is trained from scratch under one protocol per space (NB201 16 channels N=1; DARTS 8
+channels 5 cells; a stratified 5,000-image subset of the training split, 6 epochs, batch 128, the full 10,000-image
+test split, final epoch reported) and priced by the analytical estimator at that network's size (the searches price
+their cells at the same size: --eval_channels/--eval_layers); NB201 cells also get the measured latencies of
+`../shared/measurements/nb201_latency_ms.csv` through `--benchmark`.
 
 Writes into --out: one folder per run (`<space>/<config>-s<seed>/`, its training in `train/`), `runs.csv` (one row
 per run), `table.md` (mean and sd over seeds per configuration, ratios against weight 0), `pareto.png`.
@@ -38,17 +40,17 @@ import utils  # noqa: E402
 
 LATENCIES = os.path.join(ROOT, "..", "shared", "measurements", "nb201_latency_ms.csv")
 DATA = ["--dataset", "fashion_mnist", "--image_size", "14", "--threads", "1", "--wandb", "disabled"]
-SEARCH = ["--subset", "2000", "--epochs", "10"]
-TRAIN = ["--subset", "5000", "--epochs", "6", "--batch_size", "128"]
+TRAIN = ["--subset", "5000", "--epochs", "6", "--batch_size", "128", "--drop_path_prob", "0"]
 SPACES = {  # space -> (search flags, train flags, configurations: label -> flags)
-    "nb201": (["--space", "nb201", "--init_channels", "8", "--layers", "1", "--eval_channels", "16",
-               "--eval_layers", "1"],
+    "nb201": (["--space", "nb201", "--subset", "2000", "--epochs", "10", "--init_channels", "8", "--layers", "1",
+               "--eval_channels", "16", "--eval_layers", "1"],
               ["--space", "nb201", "--init_channels", "16", "--layers", "1"],
               {"w0": ["--energy_weight", "0"], "w0.05": ["--energy_weight", "0.05"],
                "w0.2": ["--energy_weight", "0.2"], "w0.5": ["--energy_weight", "0.5"],
-               "budget0.1": ["--energy_budget", "0.1"]}),
-    "darts": (["--init_channels", "6", "--layers", "3", "--eval_channels", "12", "--eval_layers", "5"],
-              ["--init_channels", "12", "--layers", "5", "--learning_rate", "0.05"],
+               "budget0.08": ["--energy_budget", "0.08"]}),
+    "darts": (["--subset", "1000", "--epochs", "8", "--batch_size", "128", "--init_channels", "4", "--layers", "3", "--eval_channels", "8",
+               "--eval_layers", "5"],
+              ["--init_channels", "8", "--layers", "5", "--learning_rate", "0.05"],
               {"w0": ["--energy_weight", "0"], "w0.05": ["--energy_weight", "0.05"],
                "w0.5": ["--energy_weight", "0.5"]}),
 }
@@ -65,7 +67,7 @@ def jobs(seeds: List[int], spaces: List[str], out: str) -> List[Dict[str, Any]]:
                 name = f"{label}-s{seed}"
                 run_dir = os.path.join(out, space, name)
                 bench = ["--benchmark", LATENCIES] if space == "nb201" else []
-                search = [sys.executable, "train_search.py", *DATA, *SEARCH, *search_flags, *flags, *bench,
+                search = [sys.executable, "train_search.py", *DATA, *search_flags, *flags, *bench,
                           "--seed", str(seed), "--log_dir", os.path.join(out, space), "--run_name", name]
                 train = [sys.executable, "train.py", *DATA, *TRAIN, *train_flags, "--genotype",
                          os.path.join(run_dir, "genotype.json"), "--seed", str(seed), "--log_dir", run_dir,
@@ -215,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "log", "outcome"), help="the study's folder")
     p.add_argument("--seeds", type=pareto.ints, default=pareto.ints("0,1,2"))
     p.add_argument("--spaces", default="nb201,darts", help="comma list of nb201, darts")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--jobs", type=int, default=3, help="runs at a time")
     p.add_argument("--report", action="store_true", help="only write the tables from what has finished")
     args = p.parse_args(argv)
     spaces = [s for s in args.spaces.split(",") if s]
