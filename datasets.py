@@ -295,6 +295,12 @@ def subset(ds: Dataset, n: Optional[int], seed: int = 0) -> Dataset:
     return Subset(ds, sorted(idx.tolist()))
 
 
+def split_meta(args) -> dict:
+    """What a genotype's meta records of the data a search saw beyond its name: --image_size, --subset."""
+    return {**({"image_size": args.image_size} if args.image_size else {}),
+            **({"subset": args.subset, "subset_seed": args.subset_seed} if args.subset is not None else {})}
+
+
 def targets_of(ds: Dataset) -> np.ndarray:
     """Labels of a data set without loading its images (for stratified splits)."""
     from torch.utils.data import Subset
@@ -316,9 +322,10 @@ def _loader(ds, batch_size: int, workers: int, device, sampler=None, shuffle: bo
 
 
 def search_loaders(train_data, args, device):
-    """DARTS's bilevel split of the training set: the first `train_portion` for the weights, the rest for
-    the alphas; both shuffled every epoch (by the global torch RNG, so seeds and resumes reproduce it)."""
+    """DARTS's bilevel split of the training set (its --subset): the first `train_portion` for the weights, the
+    rest for the alphas; both shuffled every epoch (by the global torch RNG, so seeds and resumes reproduce it)."""
     from torch.utils.data import SubsetRandomSampler
+    train_data = subset(train_data, getattr(args, "subset", None), getattr(args, "subset_seed", 0))
     n = len(train_data)
     split = int(math.floor(args.train_portion * n))
     if split < 1 or split >= n:
@@ -348,10 +355,13 @@ def known_info(name: str, image_size: Optional[int] = None) -> Optional[DataInfo
 
 
 def eval_loaders(train_data, plain_train, test_data, args, device):
-    """Loaders of train.py: the whole training split (less a stratified `valid_portion` held out, read without
-    augmentation from `plain_train`) and the test split."""
+    """Loaders of train.py: the whole training split (or its --subset; less a stratified `valid_portion` held out,
+    read without augmentation from `plain_train`) and the test split."""
     from sklearn.model_selection import train_test_split
     from torch.utils.data import Subset
+    n, seed = getattr(args, "subset", None), getattr(args, "subset_seed", 0)
+    train_data = subset(train_data, n, seed)  # the same draw from both copies
+    plain_train = subset(plain_train, n, seed) if plain_train is not None else None
     valid = None
     if args.valid_portion:
         idx = np.arange(len(train_data))

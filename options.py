@@ -13,7 +13,8 @@ import distributed
 import genotypes as G
 import search_control
 from cliargs import fraction, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
-from datasets import DATASETS, DEFAULT_DATA, DataInfo, known_info
+from cliargs import CLIError
+from datasets import DATASETS, DEFAULT_DATA, RESIZABLE, DataInfo, known_info
 
 DEFAULT_DATASET = "cifar10"  # DARTS's
 
@@ -66,7 +67,10 @@ def defaults_for(script: str, dataset: str, space: str = "darts") -> Dict[str, A
 
 
 def resolve_defaults(args: argparse.Namespace, script: str) -> None:
-    """Fill the declared flags left at None from `defaults_for` (the one place a script's defaults are decided)."""
+    """Fill the declared flags left at None from `defaults_for` (the one place a script's defaults are decided);
+    check the common flags whose validity depends on the data set."""
+    if getattr(args, "image_size", None) and args.dataset not in RESIZABLE:
+        raise CLIError(f"--image_size applies to {', '.join(RESIZABLE)}; {args.dataset} has a fixed size")
     for key, value in defaults_for(script, args.dataset, args.space).items():
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)

@@ -26,7 +26,7 @@ import runs
 import spaces
 import utils
 from cliargs import CLIError, explicit_flags
-from datasets import RESIZABLE, DataInfo, eval_loaders, load_dataset, subset
+from datasets import DataInfo, eval_loaders, load_dataset
 from layout import want_channels_last
 from model import network_report
 from runner import EpochRunner, launch
@@ -43,8 +43,6 @@ def resolve(args: argparse.Namespace) -> None:
     if not args.genotype and not args.arch:
         raise CLIError("give the architecture: --genotype path/to/genotype.json or --arch NAME "
                              f"({', '.join(G.NAMED_GENOTYPES)})")
-    if args.image_size and args.dataset not in RESIZABLE:
-        raise CLIError(f"--image_size applies to {', '.join(RESIZABLE)}; {args.dataset} has a fixed size")
     if (args.json or args.measure_energy) and not args.report:
         raise CLIError("--json and --measure_energy go with --report")
     if args.weights and not args.measure_energy:
@@ -150,8 +148,6 @@ class Trainer(EpochRunner):
         test_data, _ = load_dataset(args.dataset, args.data, train=False, image_size=size)
         plain_train = load_dataset(args.dataset, args.data, train=True, augment=False, image_size=size)[0] \
             if args.valid_portion else None
-        train_data = subset(train_data, args.subset, args.subset_seed)  # the same draw from both copies
-        plain_train = subset(plain_train, args.subset, args.subset_seed) if plain_train is not None else None
         self.train_queue, self.valid_queue, self.test_queue = eval_loaders(train_data, plain_train, test_data,
                                                                            args, self.device)
         self.model = make_model(self.genotype, args, self.info).to(self.device).set_channels_last(

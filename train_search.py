@@ -21,7 +21,7 @@ import runs
 import utils
 from architect import Architect, arch_lr_for_steps
 from cliargs import CLIError, explicit_flags
-from datasets import RESIZABLE, load_dataset, search_loaders, subset
+from datasets import load_dataset, search_loaders, split_meta
 from derivation import cell_stats, ranking
 from layout import want_channels_last
 from model import network_report
@@ -51,8 +51,6 @@ def resolve(args: argparse.Namespace) -> None:
     if args.dataset == "imagenet":
         raise CLIError("search on --dataset imagenet is not supported (DARTS transfers a CIFAR cell); "
                        "use imagefolder with small images")
-    if args.image_size and args.dataset not in RESIZABLE:
-        raise CLIError(f"--image_size applies to {', '.join(RESIZABLE)}; {args.dataset} has a fixed size")
     space = spaces.get(args.space)
     if not isinstance(args.primitives, list):
         args.primitives = space.parse_primitives(args.primitives or space.default_primitives)
@@ -97,10 +95,8 @@ class Search(EpochRunner):
     def build(self) -> None:
         a = self.args
         train_data, self.info = load_dataset(a.dataset, a.data, train=True, image_size=a.image_size)
-        train_data = subset(train_data, a.subset, a.subset_seed)
         self.train_queue, self.valid_queue = search_loaders(train_data, a, self.device)
-        if a.arch_learning_rate is None:  # the data set's defaults leave it to the search's length (args.json)
-            a.arch_learning_rate = arch_lr_for_steps(len(self.train_queue) * (a.epochs - a.warmup_epochs))
+        a.arch_learning_rate = a.arch_learning_rate or arch_lr_for_steps(len(self.train_queue), a.epochs - a.warmup_epochs)
         self.space = spaces.get(a.space)
         self.model = self.space.supernet(a, self.info, self.estimator).to(self.device).set_channels_last(
             want_channels_last(a.channels_last, self.device, a.amp))
@@ -251,12 +247,10 @@ class Search(EpochRunner):
     def write_genotype(self, genotype, row: Dict[str, Any]) -> None:
         """genotype.json with the epoch's metadata (also the kept genotype of an early stop)."""
         a = self.args
-        meta = {"dataset": a.dataset, "energy_mj": row["genotype_energy_mj"],
+        meta = {"dataset": a.dataset, **split_meta(a), "energy_mj": row["genotype_energy_mj"],
                 "energy_batch_size": self.estimator.batch_size, "eval_channels": a.eval_channels,
                 "eval_layers": a.eval_layers, "search_run": a.run_name, "seed": a.seed, "epoch": row["epoch"],
                 "valid_acc": row["valid_acc"], "energy_weight": a.energy_weight, "task_weight": a.task_weight}
-        meta.update({"image_size": self.info.image_size} if a.image_size else {})
-        meta.update({"subset": a.subset, "subset_seed": a.subset_seed} if a.subset is not None else {})
         meta.update({"early_stop": row["early_stop"]} if "early_stop" in row else {})
         meta.update({"guards": {"max_skip": a.max_skip, "min_parametric": a.min_parametric}}
                     if a.max_skip is not None or a.min_parametric else {})
