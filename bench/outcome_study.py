@@ -3,6 +3,7 @@ of the trained network? One command runs (or resumes) every search and every tra
 
     python bench/outcome_study.py                     # everything; resumable (finished runs are not redone)
     python bench/outcome_study.py --report            # only the tables and pareto.png from what has finished
+    python bench/outcome_study.py --report --readme   # ... and the table into README.md and bench/README.md
     python bench/outcome_study.py --jobs 2 --seeds 0,1,2 --out log/outcome
 
 Protocol (constants below, sized for 2 shared CPU cores): Fashion-MNIST resized to 14x14 (area averaging); the arch
@@ -58,10 +59,11 @@ DEVICES = ["1080ti_1", "titan_rtx_256", "gold_6226", "pixel2"]  # latency column
 
 
 def jobs(seeds: List[int], spaces: List[str], out: str) -> List[Dict[str, Any]]:
-    """Seed-major order, so a study stopped part-way has every configuration at its first seeds."""
+    """Space by space (in --spaces order), seed-major within one, so a study stopped part-way has every
+    configuration of the first space at its first seeds."""
     todo = []
-    for seed in seeds:
-        for space in spaces:
+    for space in spaces:
+        for seed in seeds:
             search_flags, train_flags, configs = SPACES[space]
             for label, flags in configs.items():
                 name = f"{label}-s{seed}"
@@ -114,9 +116,9 @@ def mean_sd(values: List[float]) -> str:
 
 def table(rows: List[Dict[str, Any]]) -> str:
     """Mean ± sd over seeds per configuration; energy and accuracy also against weight 0 of the same space."""
-    out = ["| space | config | seeds | test acc (%) | Δ acc vs w0 | est. energy (mJ) | vs w0 | expected energy "
-           "1st → last epoch (mJ) | " + " | ".join(f"{d} (ms)" for d in DEVICES) + " |",
-           "|" + "---|" * (8 + len(DEVICES))]
+    out = ["| space | config | seeds | test acc (%) | Δ acc vs w0 | est. energy (mJ) | vs w0 | ≥30 % cheaper, ≤1 pt "
+           "lower | expected energy 1st → last epoch (mJ) | " + " | ".join(f"{d} (ms)" for d in DEVICES) + " |",
+           "|" + "---|" * (9 + len(DEVICES))]
     for space in SPACES:
         base = [r for r in rows if r["space"] == space and r["config"] == "w0" and r["test_acc"] is not None]
         base_e = statistics.mean(r["energy_mj"] for r in base) if base else None
@@ -130,11 +132,13 @@ def table(rows: List[Dict[str, Any]]) -> str:
             a = statistics.mean(r["test_acc"] for r in trained) if trained else None
             ratio = f"{100 * (e / base_e - 1):+.0f} %" if e is not None and base_e else "-"
             delta = f"{a - base_a:+.2f}" if a is not None and base_a is not None else "-"
+            bar = "-" if label == "w0" or ratio == "-" or delta == "-" else \
+                ("yes" if e <= 0.7 * base_e and a >= base_a - 1.0 else "no")
             expected = (f"{statistics.mean(r['expected_energy_first_mj'] for r in rs):.4f} → "
                         f"{statistics.mean(r['expected_energy_last_mj'] for r in rs):.4f}")
             lat = [mean_sd([r.get(d) for r in rs]) if space == "nb201" else "-" for d in DEVICES]
             out.append(f"| {space} | {label} | {len(trained)}/{len(rs)} | {mean_sd([r['test_acc'] for r in trained])}"
-                       f" | {delta} | {mean_sd([r['energy_mj'] for r in trained])} | {ratio} | {expected} | "
+                       f" | {delta} | {mean_sd([r['energy_mj'] for r in trained])} | {ratio} | {bar} | {expected} | "
                        + " | ".join(lat) + " |")
     return "\n".join(out)
 
@@ -212,6 +216,21 @@ def report(out: str, seeds: List[int], spaces: List[str]) -> str:
     return text
 
 
+MARK, END = "<!-- outcome-table -->", "<!-- /outcome-table -->"
+
+
+def write_readmes(out: str, text: str) -> None:
+    """The table between the markers of README.md and bench/README.md; pareto.png as bench/outcome_pareto.png."""
+    import shutil
+    for path in (os.path.join(ROOT, "README.md"), os.path.join(HERE, "README.md")):
+        doc = open(path, encoding="utf-8").read()
+        if MARK in doc and END in doc:
+            head, rest = doc.split(MARK, 1)
+            utils.atomic_write_text(path, head + MARK + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    if os.path.isfile(os.path.join(out, "pareto.png")):
+        shutil.copyfile(os.path.join(out, "pareto.png"), os.path.join(HERE, "outcome_pareto.png"))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "log", "outcome"), help="the study's folder")
@@ -219,6 +238,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--spaces", default="nb201,darts", help="comma list of nb201, darts")
     p.add_argument("--jobs", type=int, default=3, help="runs at a time")
     p.add_argument("--report", action="store_true", help="only write the tables from what has finished")
+    p.add_argument("--readme", action="store_true",
+                   help="also put the table into README.md and bench/README.md, the figure into bench/")
     args = p.parse_args(argv)
     spaces = [s for s in args.spaces.split(",") if s]
     if any(s not in SPACES for s in spaces) or not spaces:
@@ -231,7 +252,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for msg in tqdm(pool.map(lambda j: run_job(j, print), todo), total=len(todo), desc="study"):
                 print(msg, flush=True)
                 report(args.out, args.seeds, spaces)  # the table grows as runs finish
-    print(report(args.out, args.seeds, spaces))
+    text = report(args.out, args.seeds, spaces)
+    print(text)
+    if args.readme:
+        write_readmes(args.out, text)
     return 0
 
 
