@@ -197,7 +197,8 @@ def _mnist(name: str, root: str, train: bool, augment: bool, cutout: int, image_
         steps.append(Cutout(cutout))
     if not steps:
         return TensorDataset(x, y)
-    return TransformedTensors(x, y, steps[0] if len(steps) == 1 else lambda img: steps[1](steps[0](img)))
+    from torchvision.transforms import Compose
+    return TransformedTensors(x, y, Compose(steps))
 
 
 def _download(name: str, root: str) -> str:

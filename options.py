@@ -12,8 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import distributed
 import genotypes as G
 import search_control
-from cliargs import fraction, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
-from cliargs import CLIError
+from cliargs import CLIError, fraction, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from datasets import DATASETS, DEFAULT_DATA, RESIZABLE, DataInfo, known_info
 
 DEFAULT_DATASET = "cifar10"  # DARTS's
