@@ -19,6 +19,20 @@ from torch.func import functional_call
 from dl_energy_estimator.trace import autocast_off
 
 
+DARTS_ARCH_LR = 3e-4  # DARTS's Adam on the alphas, CIFAR-10 ...
+DARTS_ARCH_STEPS = 50 * 391  # ... over 50 epochs of ceil(25,000 / 64) steps
+
+
+def arch_lr_for_steps(steps_per_epoch: int, epochs: int) -> float:
+    """The alphas' learning rate that lets them travel as far as in DARTS's CIFAR-10 search (3e-4 over 19,550
+    steps): Adam moves each alpha by at most about lr per step, so a search of few steps (a small data set or
+    --subset) at 3e-4 leaves the alphas at their initial values and neither the task nor the energy term can steer
+    them (Fashion-MNIST, 2,000 images, 160 steps: alpha entropy 1.609 of 1.609 after the search, expected energy
+    flat; bench/README.md, "Outcome study"). train_search.py uses it where the data set's defaults leave
+    --arch_learning_rate at None (resolved once the loaders exist, so args.json records it)."""
+    return DARTS_ARCH_LR * DARTS_ARCH_STEPS / max(1, steps_per_epoch * epochs)
+
+
 class Architect:
     """Adam on the alphas (betas (0.5, 0.999)), as DARTS; `unrolled` for the second-order step."""
 

@@ -12,11 +12,17 @@ from typing import Any, Dict, Optional, Tuple
 import distributed
 import genotypes as G
 import search_control
-from cliargs import (batch_int, bounded, energy_batch_int, epochs_int, fraction, nonneg_float, nonneg_int,
+from cliargs import (CLIError, batch_int, bounded, energy_batch_int, epochs_int, fraction, nonneg_float, nonneg_int,
                      positive_float, positive_int, seed_int, size_int, unit_float, weight_float)
-from datasets import DATASETS, DataInfo, known_info
+from datasets import DATASETS, DEFAULT_DATA, RESIZABLE, DataInfo, known_info
 
 DEFAULT_DATASET = "cifar10"  # DARTS's
+
+# The MNISTs sit in memory as one tensor (no loader workers); their searches are often CPU-sized (--subset), so
+# the alphas' learning rate follows the search's length (None: architect.arch_lr_for_steps, set when the loaders
+# exist). CIFAR-10 keeps DARTS's 3e-4.
+SMALL_SEARCH = dict(arch_learning_rate=None, workers=0)
+SMALL_TRAIN = dict(workers=0)
 
 # (script, space) -> data set -> defaults; "*" holds every data set's, a named data set overrides them.
 DEFAULTS: Dict[tuple, Dict[str, Dict[str, Any]]] = {
@@ -26,6 +32,7 @@ DEFAULTS: Dict[tuple, Dict[str, Dict[str, Any]]] = {
                   arch_weight_decay=1e-3, workers=2, threads=0, nesterov=False),
         "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=5,
                        arch_learning_rate=3e-3, workers=0),
+        **{d: SMALL_SEARCH for d in ("mnist", "fashion_mnist")},
     },
     ("train", "darts"): {
         "*": dict(batch_size=96, learning_rate=0.025, momentum=0.9, weight_decay=3e-4, epochs=600, init_channels=36,
@@ -33,6 +40,7 @@ DEFAULTS: Dict[tuple, Dict[str, Dict[str, Any]]] = {
                   lr_schedule="cosine", gamma=0.97, label_smoothing=0.0, nesterov=False, threads=0),
         "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=6, drop_path_prob=0.1,
                        cutout_length=3, workers=0, threads=1),
+        **{d: SMALL_TRAIN for d in ("mnist", "fashion_mnist")},
         "imagenet": dict(batch_size=128, learning_rate=0.1, epochs=250, init_channels=48, layers=14,
                          drop_path_prob=0.0, weight_decay=3e-5, lr_schedule="exponential", gamma=0.97,
                          label_smoothing=0.1, workers=4),
@@ -44,7 +52,9 @@ def _nb201_tables() -> None:
     """NB201's protocols (nb201.py) over DARTS's table for what they leave open (workers, threads, ...)."""
     import nb201
     for script, table in (("search", nb201.SEARCH_DEFAULTS), ("train", nb201.TRAIN_DEFAULTS)):
+        small = SMALL_SEARCH if script == "search" else SMALL_TRAIN
         DEFAULTS[(script, "nb201")] = {"*": {**DEFAULTS[(script, "darts")]["*"], **table["*"]},
+                                       **{d: small for d in ("mnist", "fashion_mnist")},
                                        **{k: v for k, v in table.items() if k != "*"}}
 
 
@@ -57,7 +67,10 @@ def defaults_for(script: str, dataset: str, space: str = "darts") -> Dict[str, A
 
 
 def resolve_defaults(args: argparse.Namespace, script: str) -> None:
-    """Fill the declared flags left at None from `defaults_for` (the one place a script's defaults are decided)."""
+    """Fill the declared flags left at None from `defaults_for` (the one place a script's defaults are decided);
+    check the common flags whose validity depends on the data set."""
+    if getattr(args, "image_size", None) and args.dataset not in RESIZABLE:
+        raise CLIError(f"--image_size applies to {', '.join(RESIZABLE)}; {args.dataset} has a fixed size")
     for key, value in defaults_for(script, args.dataset, args.space).items():
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)
@@ -67,10 +80,12 @@ def evaluation_network(meta: Dict[str, Any], dataset: Optional[str] = None, chan
                        layers: Optional[int] = None, space: str = "darts") -> Tuple[str, DataInfo, int, int]:
     """(data set, its shape, width, depth) of the network train.py builds for a genotype: flags first, then the
     genotype's metadata, then train.py's defaults for the data set. A user's image folder, whose shape only its
-    files know, is taken as CIFAR-sized RGB with 10 classes (--image_size's default)."""
+    files know, is taken as CIFAR-sized RGB with 10 classes (--image_size's default); a search's --image_size
+    is the genotype's `image_size`."""
     dataset = dataset or meta.get("dataset") or DEFAULT_DATASET
     table = defaults_for("train", dataset, space)
-    return (dataset, known_info(dataset) or DataInfo(3, 10, 32), channels or meta.get("eval_channels")
+    return (dataset, known_info(dataset, meta.get("image_size")) or DataInfo(3, 10, meta.get("image_size") or 32),
+            channels or meta.get("eval_channels")
             or table["init_channels"], layers or meta.get("eval_layers") or table["layers"])
 
 
@@ -80,7 +95,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="search space: DARTS's cells, or NAS-Bench-201's (README, \"NAS-Bench-201\")")
     p.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS),
                    help="data set (default DARTS's cifar10; digits ships with scikit-learn and works offline)")
-    p.add_argument("--data", default="./data", help="folder of the data set (downloaded there when online)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="folder of the data set (downloaded there when online); fashion_mnist: also Debian's "
+                        "dataset-fashion-mnist package, found under the default")
+    p.add_argument("--image_size", type=size_int, default=None,
+                   help="side of the square input: mnist/fashion_mnist resized once at load (default 28), "
+                        "imagenet/imagefolder (default 224 / 32)")
+    p.add_argument("--subset", type=positive_int, default=None,
+                   help="train on a stratified subset of N images of the training split (CPU-sized studies)")
+    p.add_argument("--subset_seed", type=nonneg_int, default=0, help="seed of --subset's draw")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--gpu", type=nonneg_int, default=0, help="CUDA device index")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -182,8 +205,6 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_schedule", choices=["cosine", "exponential"], default=None,
                    help="cosine annealing over --epochs, or x --gamma per epoch (DARTS's ImageNet protocol)")
     p.add_argument("--gamma", type=positive_float, default=None, help="with --lr_schedule exponential: decay per epoch")
-    p.add_argument("--image_size", type=size_int, default=None,
-                   help="imagenet/imagefolder: side of the square input (default 224 / 32)")
     add_speed_args(p)
     p.add_argument("--valid_portion", type=fraction, default=None,
                    help="hold out this part of the training split to choose the best checkpoint")

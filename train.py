@@ -43,8 +43,6 @@ def resolve(args: argparse.Namespace) -> None:
     if not args.genotype and not args.arch:
         raise CLIError("give the architecture: --genotype path/to/genotype.json or --arch NAME "
                              f"({', '.join(G.NAMED_GENOTYPES)})")
-    if args.image_size and args.dataset not in ("imagenet", "imagefolder"):
-        raise CLIError(f"--image_size applies to imagenet and imagefolder; {args.dataset} has a fixed size")
     if (args.json is not None or args.measure_energy) and not args.report:
         raise CLIError("--json and --measure_energy go with --report")
     if args.json is not None:
@@ -63,7 +61,7 @@ def load_genotype(args: argparse.Namespace):
 def dataset_info(args: argparse.Namespace) -> DataInfo:
     """The data set's shape without loading it when possible (reports need no data)."""
     from datasets import known_info
-    info = known_info(args.dataset)
+    info = known_info(args.dataset, args.image_size)
     if info is None:
         _, info = load_dataset(args.dataset, args.data, train=False, image_size=args.image_size)
     elif args.image_size:

@@ -20,9 +20,9 @@ import jsonfile
 import options
 import runs
 import utils
-from architect import Architect
+from architect import Architect, arch_lr_for_steps
 from cliargs import CLIError, explicit_flags
-from datasets import load_dataset, search_loaders
+from datasets import load_dataset, search_loaders, split_meta
 from derivation import cell_stats, ranking
 from layout import want_channels_last
 from model import network_report
@@ -92,8 +92,9 @@ class Search(EpochRunner):
 
     def build(self) -> None:
         a = self.args
-        train_data, self.info = load_dataset(a.dataset, a.data, train=True)
+        train_data, self.info = load_dataset(a.dataset, a.data, train=True, image_size=a.image_size)
         self.train_queue, self.valid_queue = search_loaders(train_data, a, self.device)
+        a.arch_learning_rate = a.arch_learning_rate or arch_lr_for_steps(len(self.train_queue), a.epochs - a.warmup_epochs)
         self.space = spaces.get(a.space)
         self.model = self.space.supernet(a, self.info, self.estimator).to(self.device).set_channels_last(
             want_channels_last(a.channels_last, self.device, a.amp))
@@ -247,7 +248,7 @@ class Search(EpochRunner):
     def write_genotype(self, genotype, row: Dict[str, Any]) -> None:
         """genotype.json with the epoch's metadata (also the kept genotype of an early stop)."""
         a = self.args
-        meta = {"dataset": a.dataset, "energy_mj": row["genotype_energy_mj"],
+        meta = {"dataset": a.dataset, **split_meta(a), "energy_mj": row["genotype_energy_mj"],
                 "energy_batch_size": self.estimator.batch_size, "eval_channels": a.eval_channels,
                 "eval_layers": a.eval_layers, "search_run": a.run_name, "seed": a.seed, "epoch": row["epoch"],
                 "valid_acc": row["valid_acc"], "energy_weight": a.energy_weight, "task_weight": a.task_weight}
