@@ -71,6 +71,9 @@ def resolve_defaults(args: argparse.Namespace, script: str) -> None:
     check the common flags whose validity depends on the data set."""
     if getattr(args, "image_size", None) and args.dataset not in RESIZABLE:
         raise CLIError(f"--image_size applies to {', '.join(RESIZABLE)}; {args.dataset} has a fixed size")
+    if script == "search" and args.dataset == "imagenet":
+        raise CLIError("search on --dataset imagenet is not supported (DARTS transfers a CIFAR cell); "
+                       "use imagefolder with small images")
     for key, value in defaults_for(script, args.dataset, args.space).items():
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)

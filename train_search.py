@@ -1,8 +1,7 @@
 """Energy-aware DARTS search: `python train_search.py --dataset digits` (see README for CIFAR-10 on a GPU).
 
 Each epoch trains the supernet's weights on one half of the training split and its alphas on the other half,
-then writes to <log_dir>/<run_name>/: metrics.jsonl, alphas.json, genotype.json, checkpoint.pt, log.txt.
-"""
+then writes to <log_dir>/<run_name>/: metrics.jsonl, alphas.json, genotype.json, checkpoint.pt, log.txt."""
 from __future__ import annotations
 
 import argparse
@@ -47,9 +46,6 @@ def resolve(args: argparse.Namespace) -> None:
     evaluated = options.defaults_for("train", args.dataset, args.space)
     args.eval_channels = args.eval_channels or evaluated["init_channels"]
     args.eval_layers = args.eval_layers or evaluated["layers"]
-    if args.dataset == "imagenet":
-        raise CLIError("search on --dataset imagenet is not supported (DARTS transfers a CIFAR cell); "
-                       "use imagefolder with small images")
     space = spaces.get(args.space)
     if not isinstance(args.primitives, list):
         args.primitives = space.parse_primitives(args.primitives or space.default_primitives)
@@ -61,10 +57,11 @@ def resolve(args: argparse.Namespace) -> None:
     search_control.check_args(args, space.guarded_ops)
 
 
-def weight_step(model, params, optimizer, x, y, grad_clip, check=lambda v, w: None, ddp=None, autocast=nullcontext):
+def weight_step(model, params, optimizer, x, y, grad_clip: float, check=lambda v, w: None, ddp=None,
+                autocast=nullcontext):
     """One SGD step of the weights on a training batch; returns (logits, loss). Gradients for the weights only (less
-    backward work); `check(tensor, what)` sees the loss and gradient norm (device tensors: no host sync); `ddp`: the model in DDP
-    (torchrun: its reducer averages the gradients); `autocast`: the context of this forward and loss (--amp)."""
+    backward work); `check(tensor, what)` sees the loss and gradient norm (device tensors: no host sync); `ddp`: the
+    model in DDP (torchrun: its reducer averages the gradients); `autocast`: the context of this forward and loss."""
     with autocast():
         logits, _ = (ddp or model)(x)
         loss = F.cross_entropy(logits, y)
@@ -94,7 +91,8 @@ class Search(EpochRunner):
         a = self.args
         train_data, self.info = load_dataset(a.dataset, a.data, train=True, image_size=a.image_size)
         self.train_queue, self.valid_queue = search_loaders(train_data, a, self.device)
-        a.arch_learning_rate = a.arch_learning_rate or arch_lr_for_steps(len(self.train_queue), a.epochs - a.warmup_epochs)
+        a.arch_learning_rate = a.arch_learning_rate or arch_lr_for_steps(len(self.train_queue),
+                                                                         a.epochs - a.warmup_epochs)
         self.space = spaces.get(a.space)
         self.model = self.space.supernet(a, self.info, self.estimator).to(self.device).set_channels_last(
             want_channels_last(a.channels_last, self.device, a.amp))
