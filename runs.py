@@ -464,8 +464,11 @@ def load_state(target, state: Any, what: str) -> None:
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """load_state_dict takes any per-parameter state: each must be an object of tensors (momentum buffers, Adam's
-    moments: the parameter's shape) and numbers, or the first step fails deep inside torch."""
+    moments: the parameter's shape) and numbers, or the first step fails deep inside torch; so must each group's
+    hyperparameters (a momentum of None, a learning rate of text) be of the kind of the optimizer's defaults."""
     for group in optimizer.param_groups:
+        for key, default in optimizer.defaults.items():
+            _check_hyperparameter(key, group.get(key), default)
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             if not isinstance(state, dict):
@@ -475,6 +478,23 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     raise ValueError(f"'{name}' has shape {tuple(v.shape)} for a parameter of {tuple(p.shape)}")
                 if not isinstance(v, (torch.Tensor, int, float)) and v is not None:
                     raise TypeError(f"'{name}' is a {type(v).__name__}")
+
+
+def _check_hyperparameter(key: str, value: Any, default: Any) -> None:
+    """`value` (an optimizer group's `key`) is of the kind of its default: a finite number, a bool, or a tuple of
+    finite numbers (Adam's betas); options whose default is None (foreach, fused) are torch's to check."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = number(value) or isinstance(value, torch.Tensor) and value.numel() == 1 and bool(value.isfinite())
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(number, value))
+    else:
+        return
+    if not ok:
+        raise TypeError(f"its hyperparameter '{key}' is {str(value)[:40]}, not like the default {default}")
 
 
 def validate_saved_args(parser: argparse.ArgumentParser, saved: Dict[str, Any], where: str) -> None:
