@@ -277,6 +277,7 @@ def _launch(cls, args: argparse.Namespace, explicit: set, ckpt: Optional[Dict[st
         tracker = runs.start_run(args, folder.path, runner.device, runner.estimator, runner.wandb_id, log)
         runner.wandb_id, runner.tracker = tracker.run_id, tracker
         result = runner.run(tracker, control)
+        control.settle()  # the epochs are over (checkpoint whole): later signals of a burst cannot change the outcome
         if result["stopped"]:
             tracker.finish()
             return 128 + control.signal_number

@@ -682,6 +682,11 @@ class RunControl:
         self._unwinding = True
         raise StoppedBySignal(signum) if self.signals == 1 else KeyboardInterrupt  # a second Ctrl-C: at once
 
+    def settle(self) -> None:
+        """From now on signals are ignored: the run's outcome is decided and only quick bookkeeping is left (a
+        signal raised after the run folder has closed would otherwise exit 130 with no word of what is on disk)."""
+        self._unwinding = True
+
     def __enter__(self) -> "RunControl":
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):

@@ -164,7 +164,9 @@ def test_a_burst_of_sigterms_in_a_real_process_keeps_the_checkpoint(tmp_path):
     # The burst's last signals may land after the run has handed its handlers back (its line already printed):
     # the default action then ends the process (-SIGTERM), with nothing left to write.
     assert proc.returncode in (130, 128 + signal.SIGTERM, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
-    assert "keeps its checkpoint of epoch" in err or proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "no run folder was written" not in err, err[-2000:]  # never a false word of what is on disk
+    assert "keeps its checkpoint of epoch" in err or proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), \
+        err[-2000:]
     assert epochs_of(tmp_path / "b") >= 1
 
 
