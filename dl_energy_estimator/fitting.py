@@ -54,12 +54,16 @@ class Candidate:
     intercept: bool = False
     ridge: float = 0.0
     toward: str = "feature"   # what the ridge pulls the finer structures toward: the feature fit, or "global";
-                              # "evidence": no fixed ridge, the evidence-weighted average over tau (shrink_fit)
+                              # "evidence": no fixed ridge, the evidence-weighted average (fit_evidence) whose
+                              # largest weight is on ``structure``
+    constant: bool = True     # "evidence": whether the average may hold the structures with a constant
 
     @property
     def name(self) -> str:
         s = self.structure + ("+c" if self.intercept else "")
-        return s if self.structure == "global" or self.toward == "evidence" else f"{s}@{self.ridge:g}"
+        if self.toward == "evidence":
+            return f"evidence:{s}"
+        return s if self.structure == "global" else f"{s}@{self.ridge:g}"
 
     @property
     def complexity(self) -> tuple[int, int, float]:
@@ -100,11 +104,16 @@ def groups(structure: str, active: Sequence[int]) -> list[list[int]]:
     return list(out.values())
 
 
-def check_targets(A: np.ndarray, y: np.ndarray) -> None:
-    if A.shape[0] == 0:
+def check_values(y: np.ndarray) -> None:
+    """Measured energies: at least one, each finite and > 0 (ValueError otherwise)."""
+    if len(y) == 0:
         raise ValueError("fit needs at least one sample")
     if np.any(~np.isfinite(y)) or np.any(y <= 0):
         raise ValueError("measured energies must be finite and > 0")
+
+
+def check_targets(A: np.ndarray, y: np.ndarray) -> None:
+    check_values(y)
     if not np.any(A.sum(1) > 0):
         raise ValueError("the samples have no features to fit (every traced layer is free)")
 
@@ -144,7 +153,7 @@ def solve(A: np.ndarray, y: np.ndarray, cand: Candidate, _bases: dict | None = N
     ``_bases``: a cache of those feature fits shared by the candidates of one training set.
     ``toward == "evidence"``: :func:`shrink_fit` (the ridge is the evidence's, not ``cand.ridge``)."""
     if cand.toward == "evidence":
-        m, c, _ = shrink_fit(A, y, cand.structure, cand.intercept)
+        m, c, _ = fit_evidence(A, y, cand.constant)
         return m, c, global_scale(A, y)
     g = global_scale(A, y)
     Aw = A / y[:, None]
@@ -196,9 +205,11 @@ def evidence(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool) -> d
     for i, t in enumerate(taus):
         W = np.hstack([t * Z, OMEGA * u[:, None]]) if intercept else t * Z
         if W.size and np.any(W):
-            U, S, _ = np.linalg.svd(W, full_matrices=False)
-            S = S[S > 1e-12 * max(S.max(), 1e-300)]
-            q = (U[:, :len(S)].T @ r) ** 2
+            # W's singular values and r's coordinates on its left singular vectors, from the small Gram matrix
+            lam, V = np.linalg.eigh(W.T @ W)
+            keep = lam > 1e-12 * max(lam.max(), 1e-300)
+            S = np.sqrt(lam[keep])
+            q = (V[:, keep].T @ (W.T @ r)) ** 2 / lam[keep]
         else:
             S, q = np.zeros(0), np.zeros(0)
         D = S[None, :] ** 2 + s2[:, None]                        # eigenvalues of C in W's span, per sigma
@@ -330,21 +341,38 @@ def select(rows: list[dict], tie: float = TIE, z: float = 1.0, z_in: float = Z_I
     return min(tied, key=lambda i: (round(rows[i]["cv_median_rel_error"], 4), i))
 
 
-def choose_by_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[Candidate, list[dict], dict]:
-    """Every structure (with a constant too, if ``constant``) by its evidence: (the winner as an evidence
-    candidate, one row per structure, the winner's evidence). Ties (within 1e-9) go to the simpler."""
+def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[np.ndarray, float, dict]:
+    """Every structure (with a constant too, if ``constant``), each shrunk by :func:`shrink_fit`, averaged with
+    weights ``exp(log evidence)`` (Bayesian model averaging: two structures the data cannot tell apart share the
+    model instead of a coin flip choosing one). Returns (multipliers, constant, {"rows": per structure, "top":
+    the candidate of the largest weight, "tau", "sigma": the top structure's})."""
+    y = np.asarray(y, dtype=float)
     rows, evs = [], []
     for st in STRUCTURES:
         for ic in ((False, True) if constant else (False,)):
             ev = evidence(A, y, st, ic)
-            w = np.exp(ev["log_ev"] - ev["log_ev"].max())
-            rows.append({"name": Candidate(st, ic, toward="evidence").name, "structure": st, "intercept": ic,
+            k = int(np.argmax(ev["log_ev"]))
+            rows.append({"name": st + ("+c" if ic else ""), "structure": st, "intercept": ic,
                          "log_evidence": ev["log_evidence"], "groups": ev["groups"],
-                         "tau_map": float(ev["taus"][int(np.argmax(w))]),
-                         "sigma_map": float(ev["sigmas"][int(np.argmax(w))])})
+                         "tau_map": float(ev["taus"][k]), "sigma_map": float(ev["sigmas"][k])})
             evs.append(ev)
-    k = max(range(len(rows)), key=lambda i: (round(rows[i]["log_evidence"], 9), -i))
-    return Candidate(rows[k]["structure"], rows[k]["intercept"], toward="evidence"), rows, evs[k]
+    le = np.array([r["log_evidence"] for r in rows])
+    w = np.exp(le - le.max())
+    w[w < MIN_WEIGHT] = 0.0
+    w /= w.sum()
+    m, c, top_info = np.zeros(len(COLUMNS)), 0.0, {}
+    top = int(np.argmax(w))
+    for i, (r, ev) in enumerate(zip(rows, evs)):
+        r["weight"] = float(w[i])
+        if w[i] == 0:
+            continue
+        mi, ci, info = shrink_fit(A, y, r["structure"], r["intercept"], ev)
+        m += w[i] * mi
+        c += w[i] * ci
+        if i == top:
+            top_info = info
+    cand = Candidate(rows[top]["structure"], rows[top]["intercept"], toward="evidence", constant=constant)
+    return m, c, {"rows": rows, "top": cand, "tau": top_info["tau"], "sigma": top_info["sigma"]}
 
 
 def fit_cv(A: np.ndarray, y: np.ndarray, seed: int = 0, constant: bool = True, folds: int = 5, repeats: int = 2,
@@ -366,18 +394,16 @@ def fit_cv(A: np.ndarray, y: np.ndarray, seed: int = 0, constant: bool = True, f
     cands = candidates(ridges, constant=constant)
     stats: dict = {"seed": seed, "rule": rule}
     if rule == "evidence":
-        chosen, ev_rows, ev = choose_by_evidence(A, y, constant)
-        m, c, info = shrink_fit(A, y, chosen.structure, chosen.intercept, ev)
+        m, c, info = fit_evidence(A, y, constant)
+        chosen, ev_rows = info["top"], info["rows"]
         g = global_scale(A, y)
-        if chosen.name not in {cd.name for cd in cands}:
-            cands.append(chosen)
-        best = sorted(ev_rows, key=lambda r: -r["log_evidence"])
-        margin = best[0]["log_evidence"] - best[1]["log_evidence"] if len(best) > 1 else float("inf")
+        cands.append(chosen)
+        used = sorted((r for r in ev_rows if r["weight"] > 0), key=lambda r: -r["weight"])
         stats.update({"method": "evidence", "evidence": ev_rows, "tau": info["tau"], "sigma": info["sigma"],
                       "ridge": float(info["sigma"] ** 2 / info["tau"] ** 2) if info["tau"] > 0 else None,
-                      "why": f"{chosen.name}: highest evidence ({best[0]['log_evidence']:.2f}, {margin:.2f} above "
-                             f"{best[1]['name'] if len(best) > 1 else 'nothing'}); factors ~ N(1, {info['tau']:.3g}^2) "
-                             f"around the scaled prior, relative noise {info['sigma']:.3g}"})
+                      "why": "average of " + ", ".join(f"{r['name']} {r['weight']:.2f}" for r in used)
+                             + f" (weights: evidence); {used[0]['name']}'s factors ~ N(1, {info['tau']:.3g}^2) "
+                               f"around the scaled prior, relative noise {info['sigma']:.3g}"})
         rows = cross_validate(A, y, cands, folds, repeats, seed) if report and len(y) >= MIN_CV else []
         k = next((i for i, cd in enumerate(cands) if cd.name == chosen.name), 0)
     else:
