@@ -11,9 +11,9 @@ one; ``family_calls`` per family compute+memory and calls; ``full`` per family x
 a Gaussian prior ``v ~ N(1, tau^2)``; the measurements' relative errors are Gaussian with ``sigma``. For every
 structure (with and without a constant ``+c``: what every network pays whatever its layers -- input copy,
 synchronisation, a launch floor; reported in ``fit``, not part of the per-layer model) the marginal likelihood
-(*evidence*) of the measurements is computed on a grid of ``(sigma, tau)``; the structure of the highest evidence
-(integrated over ``tau``, log-uniform) wins, and its factors are the average over ``tau`` (weighted by the
-evidence) of the non-negative ridge solutions at ``ridge = sigma^2 / tau^2``. So 10 clean measurements that the
+(*evidence*) of the measurements is computed on a grid of ``(sigma, tau)``; the structures are averaged with
+weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform), and each one's factors are the average over
+``tau`` (weighted by the evidence) of the non-negative ridge solutions at ``ridge = sigma^2 / tau^2``. So 10 clean measurements that the
 prior cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose scatter
 is noise (``tau`` near 0 explains them as well) leave the scaled prior. Deterministic (no randomness in the
 choice); the seeded cross-validation (``cross_validate``) is a report: every structure and ridge of a fixed path,
@@ -44,6 +44,7 @@ BOOTS = 200       # paired bootstrap resamples of the out-of-fold predictions
 TAUS = np.logspace(-1.5, 0.5, 13)  # prior sd of the factors (log-uniform grid, 0.03 to 3; the scaled prior is tau = 0)
 SIGMAS = np.logspace(-3.5, 0.5, 41)  # sd of the relative errors
 OMEGA = 0.5       # prior sd of the constant per pass around the scaled prior's, in units of the median target
+KEEP_PRIOR = 2.0  # the scaled prior is kept whole when at least this many times as likely as every other structure
 MIN_WEIGHT = 1e-4  # evidence weights below this (of the largest) are left out of the average over tau
 
 
@@ -362,6 +363,11 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
     w /= w.sum()
     m, c, top_info = np.zeros(len(COLUMNS)), 0.0, {}
     top = int(np.argmax(w))
+    second = max((float(w[i]) for i in range(len(rows)) if i != top), default=0.0)
+    if rows[top]["structure"] == "global" and w[top] >= KEEP_PRIOR * second:
+        # the scaled prior is clearly the likeliest model: keep it whole (the others, shrunk toward it, would only
+        # blur its ranking by their share of noise); when it is only about as likely, the average hedges
+        w = np.eye(len(rows))[top]
     for i, (r, ev) in enumerate(zip(rows, evs)):
         r["weight"] = float(w[i])
         if w[i] == 0:
@@ -371,7 +377,8 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
         c += w[i] * ci
         if i == top:
             top_info = info
-    cand = Candidate(rows[top]["structure"], rows[top]["intercept"], toward="evidence", constant=constant)
+    cand = (Candidate("global", rows[top]["intercept"]) if w[top] == 1.0 and rows[top]["structure"] == "global"
+            else Candidate(rows[top]["structure"], rows[top]["intercept"], toward="evidence", constant=constant))
     return m, c, {"rows": rows, "top": cand, "tau": top_info["tau"], "sigma": top_info["sigma"]}
 
 
@@ -397,7 +404,8 @@ def fit_cv(A: np.ndarray, y: np.ndarray, seed: int = 0, constant: bool = True, f
         m, c, info = fit_evidence(A, y, constant)
         chosen, ev_rows = info["top"], info["rows"]
         g = global_scale(A, y)
-        cands.append(chosen)
+        if chosen.name not in {cd.name for cd in cands}:
+            cands.append(chosen)
         used = sorted((r for r in ev_rows if r["weight"] > 0), key=lambda r: -r["weight"])
         stats.update({"method": "evidence", "evidence": ev_rows, "tau": info["tau"], "sigma": info["sigma"],
                       "ridge": float(info["sigma"] ** 2 / info["tau"] ** 2) if info["tau"] > 0 else None,
