@@ -12,7 +12,9 @@ a Gaussian prior ``v ~ N(1, tau^2)``; the measurements' relative errors are Gaus
 structure (with and without a constant ``+c``: what every network pays whatever its layers -- input copy,
 synchronisation, a launch floor; reported in ``fit``, not part of the per-layer model) the marginal likelihood
 (*evidence*) of the measurements is computed on a grid of ``(sigma, tau)``; the structures are averaged with
-weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform), and each one's factors are the average over
+weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform on 0.32..3: weakly informative, a factor may
+move by tens of percent on a few samples), the scaled prior (``global``) kept whole when it is at least KEEP_PRIOR
+times as likely as every other structure and left out of the average otherwise, and each one's factors are the average over
 ``tau`` (weighted by the evidence) of the non-negative ridge solutions at ``ridge = sigma^2 / tau^2``. So 10 clean measurements that the
 prior cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose scatter
 is noise (``tau`` near 0 explains them as well) leave the scaled prior. Deterministic (no randomness in the
@@ -41,10 +43,11 @@ Z_REL = 3.0       # ... or rank as well and beat its median relative error by th
                   # at an equal rank is no evidence for ranking, it must be unmistakable)
 Z_IN = 1.0        # once the prior is beaten, a candidate competes when it beats the prior by this many
 BOOTS = 200       # paired bootstrap resamples of the out-of-fold predictions
-TAUS = np.logspace(-1.5, 0.5, 13)  # prior sd of the factors (log-uniform grid, 0.03 to 3; the scaled prior is tau = 0)
+TAUS = np.logspace(-0.5, 0.5, 13)  # prior sd of the factors (log-uniform grid, 0.32 to 3): weakly informative, so
+                                   # 10 samples can move a structure; the scaled prior itself is tau = 0 ("global")
 SIGMAS = np.logspace(-3.5, 0.5, 41)  # sd of the relative errors
 OMEGA = 0.5       # prior sd of the constant per pass around the scaled prior's, in units of the median target
-KEEP_PRIOR = 2.0  # the scaled prior is kept whole when at least this many times as likely as every other structure
+KEEP_PRIOR = 3.0  # the scaled prior is kept whole when at least this many times as likely as every other structure
 MIN_WEIGHT = 1e-4  # evidence weights below this (of the largest) are left out of the average over tau
 
 
@@ -368,6 +371,15 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
         # the scaled prior is clearly the likeliest model: keep it whole (the others, shrunk toward it, would only
         # blur its ranking by their share of noise); when it is only about as likely, the average hedges
         w = np.eye(len(rows))[top]
+    else:
+        # not clearly the likeliest: the fitted structures share the model without it. Each already holds the
+        # scaled prior as its tau -> 0 limit; a share of the whole scaled prior on top pulls the ranking back to
+        # the default's when the data say it is not the model (10 samples of a device 8 % off the prior)
+        for i, r in enumerate(rows):
+            if r["structure"] == "global":
+                w[i] = 0.0
+        w /= w.sum()
+        top = int(np.argmax(w))
     for i, (r, ev) in enumerate(zip(rows, evs)):
         r["weight"] = float(w[i])
         if w[i] == 0:
