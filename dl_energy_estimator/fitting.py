@@ -12,8 +12,7 @@ a Gaussian prior ``v ~ N(1, tau^2)``; the measurements' relative errors are Gaus
 structure (with and without a constant ``+c``: what every network pays whatever its layers -- input copy,
 synchronisation, a launch floor; reported in ``fit``, not part of the per-layer model) the marginal likelihood
 (*evidence*) of the measurements is computed on a grid of ``(sigma, tau)``; the structures are averaged with
-weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform on 0.32..3: weakly informative, a factor may
-move by tens of percent on a few samples), the scaled prior (``global``) kept whole when it is at least KEEP_PRIOR
+weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform), the scaled prior (``global``) kept whole when it is at least KEEP_PRIOR
 times as likely as every other structure and left out of the average otherwise, and each one's factors are the average over
 ``tau`` (weighted by the evidence) of the non-negative ridge solutions at ``ridge = sigma^2 / tau^2``. So 10 clean measurements that the
 prior cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose scatter
@@ -43,8 +42,7 @@ Z_REL = 3.0       # ... or rank as well and beat its median relative error by th
                   # at an equal rank is no evidence for ranking, it must be unmistakable)
 Z_IN = 1.0        # once the prior is beaten, a candidate competes when it beats the prior by this many
 BOOTS = 200       # paired bootstrap resamples of the out-of-fold predictions
-TAUS = np.logspace(-0.5, 0.5, 13)  # prior sd of the factors (log-uniform grid, 0.32 to 3): weakly informative, so
-                                   # 10 samples can move a structure; the scaled prior itself is tau = 0 ("global")
+TAUS = np.logspace(-1.5, 0.5, 13)  # prior sd of the factors (log-uniform grid, 0.03 to 3; the scaled prior is tau = 0)
 SIGMAS = np.logspace(-3.5, 0.5, 41)  # sd of the relative errors
 OMEGA = 0.5       # prior sd of the constant per pass around the scaled prior's, in units of the median target
 KEEP_PRIOR = 3.0  # the scaled prior is kept whole when at least this many times as likely as every other structure
