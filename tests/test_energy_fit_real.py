@@ -68,6 +68,25 @@ def test_clean_measurements_move_the_model_noisy_ones_do_not(table):
     assert again.to_dict()["coefficients"] == clean.to_dict()["coefficients"]
 
 
+def test_scaled_prior_is_whole_or_left_out(table):
+    """The scaled prior (``global``) is never a share of an average: kept whole (weight 1, at least KEEP_PRIOR
+    times as likely as every other structure) or left out (weight 0), whatever the draw."""
+    from dl_energy_estimator import fitting as F
+    feats, _, _, cols, Y = table
+    est = EnergyEstimator.default()
+    for j in (0, len(cols) - 1):
+        y = Y[:, j]
+        for lo in (0, 10, 20):
+            ev = est.fit_features(feats[lo:lo + 10], y[lo:lo + 10], report=False).fit_stats["evidence"]
+            w = {r["name"]: r["weight"] for r in ev}
+            assert w["global"] in (0.0, 1.0) and w.get("global+c", 0.0) in (0.0, 1.0), w
+            le = {r["name"]: r["log_evidence"] for r in ev}
+            kept = max(le, key=le.get).startswith("global") and all(
+                le[max(le, key=le.get)] - v >= np.log(F.KEEP_PRIOR) - 1e-9 for k, v in le.items()
+                if k != max(le, key=le.get))
+            assert (max(w["global"], w.get("global+c", 0.0)) == 1.0) == kept, (w, le)
+
+
 def test_prior_bank_ships_with_provenance_and_auto_picks_a_device_of_the_kind():
     doc = priors.load()
     assert doc["kind"] == "prior_bank" and "HELP" in doc["source"]["measurements"]
