@@ -2,6 +2,11 @@
 on synthetic devices; fit on 60 (and 240) networks, rank the rest, 5 draws (issue 13).
 
     python bench/estimator_fit.py [--watts 15] [--cache bench/estimator_fit_cache.json] [--draws 5]
+    python bench/estimator_fit.py --real_only [--table ../shared/measurements/nb201_latency_ms.csv]
+
+Real devices (issue 22): the 23 device configurations of the NAS-Bench-201 latency table, for n = 10, 20, 60
+measured networks (5 draws, Spearman on all the other networks): the default, the fit, the prior-bank fit (leave one
+device out: ``prior="auto"`` with the device's own entry excluded), NNLS on the 5 op counts plus a constant, FLOPs.
 
 Pools: DARTS cells at three widths/depths (mixed), the (16 channels, 8 layers) part of it alone, and
 NAS-Bench-201-like cells (16 channels, 5 cells per stage). Measured: median latency x --watts on this CPU, one
@@ -27,8 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import fit_protocol as P  # noqa: E402
+import nb201_real as R  # noqa: E402
 import spaces  # noqa: E402
-from dl_energy_estimator import measure  # noqa: E402
+from dl_energy_estimator import EnergyEstimator, measure  # noqa: E402
 from dl_energy_estimator.schema import write_atomic  # noqa: E402
 
 POOLS = {  # name -> (space, {(channels, layers): networks}, seed)
@@ -94,6 +100,89 @@ def table(title: str, rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+REAL_SIZES = (10, 20, 60)
+
+
+def _coef_vector(est) -> np.ndarray:
+    from dl_energy_estimator.defaults import FEATURES
+    from dl_energy_estimator.fitting import COLUMNS
+    return np.array([est.coefficients[fam][FEATURES[k]] for fam, k in COLUMNS])
+
+
+def _raw_features(feats: list[dict]) -> np.ndarray:
+    from dl_energy_estimator.fitting import COLUMNS
+    return np.array([[f[fam][k] if fam in f else 0.0 for fam, k in COLUMNS] for f in feats])
+
+
+def op_count_nnls(C_tr: np.ndarray, y_tr: np.ndarray, C_te: np.ndarray) -> np.ndarray:
+    """The issue's baseline: NNLS of the measurement on the counts of the 5 NB201 ops plus a constant."""
+    one = lambda X: np.hstack([X, np.ones((len(X), 1))])
+    return P.nnls_op_counts(one(C_tr), y_tr, one(C_te))
+
+
+def evaluate_real(feats: list[dict], counts: np.ndarray, flops: np.ndarray, y: np.ndarray, device: str,
+                  sizes=REAL_SIZES, draws: int = 5, seed: int = 0) -> dict:
+    """Spearman on the networks not fitted, per size and draw: default, fit, bank (LODO), op-count NNLS, FLOPs."""
+    est = EnergyEstimator.default()
+    X = _raw_features(feats)
+    default = X @ _coef_vector(est)
+    out = {}
+    for n in sizes:
+        r = {k: [] for k in ("default", "fit", "bank", "nnls", "flops")}
+        r["chosen"], r["prior"] = [], []
+        for d in range(draws):
+            perm = np.random.default_rng([seed, d, n]).permutation(len(y))
+            tr, te = perm[:n], perm[n:]
+            fit = est.fit_features([feats[i] for i in tr], y[tr], seed=seed, report=False)
+            bank = est.fit_features([feats[i] for i in tr], y[tr], seed=seed, report=False, prior="auto",
+                                    exclude_priors=[device])
+            r["default"].append(P.rho(default[te], y[te]))
+            r["fit"].append(P.rho(X[te] @ _coef_vector(fit), y[te]))
+            r["bank"].append(P.rho(X[te] @ _coef_vector(bank), y[te]))
+            r["nnls"].append(P.rho(op_count_nnls(counts[tr], y[tr], counts[te]), y[te]))
+            r["flops"].append(P.rho(flops[te], y[te]))
+            r["chosen"].append(fit.fit_stats["chosen"])
+            r["prior"].append(bank.fit_stats["prior"])
+        out[n] = r
+    return out
+
+
+def real_table(results: dict, draws: int) -> str:
+    f = lambda v: f"{np.mean(v):.3f} / {min(v):.3f}"
+    head = ["device"] + [f"{k} n={n}" for n in REAL_SIZES for k in ("default", "fit", "bank", "NNLS", "FLOPs")]
+    lines = [f"\nNAS-Bench-201, measured latencies: Spearman (mean / worst of {draws} draws) on the networks not "
+             f"fitted; bank = prior-bank fit, leave one device out; ok = fit's worst >= NNLS's worst - 0.01 and >= "
+             f"default's worst - {P.TOL}\n",
+             "| device | n | default | fit | bank (LODO) | op-count NNLS | FLOPs | ok | bank prior (most often) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    means = {n: [] for n in REAL_SIZES}
+    for dev, res in results.items():
+        for n in REAL_SIZES:
+            r = res[n]
+            ok = min(r["fit"]) >= min(r["nnls"]) - 0.01 and min(r["fit"]) >= min(r["default"]) - P.TOL
+            okb = min(r["bank"]) >= min(r["nnls"]) - 0.01 and min(r["bank"]) >= min(r["default"]) - P.TOL
+            common = max(set(r["prior"]), key=r["prior"].count)
+            means[n].append(np.mean(r["bank"]))
+            lines.append(f"| {dev} | {n} | {f(r['default'])} | {f(r['fit'])} | {f(r['bank'])} | {f(r['nnls'])} | "
+                         f"{f(r['flops'])} | {'yes' if ok else 'NO'}{'' if okb else ' (bank NO)'} | {common} |")
+    lines.append("\nprior-bank fit (LODO), mean Spearman over devices and draws: "
+                 + ", ".join(f"n={n} {np.mean(v):.3f}" for n, v in means.items()) + " (HELP: 0.93 at n=10)")
+    return "\n".join(lines)
+
+
+def main_real(args) -> int:
+    archs, cols, Y = R.load_table(args.table)
+    t = R.terms()["measured"]
+    feats = [R.features(a, t) for a in archs]
+    counts, flops = R.op_counts(archs), R.flops(archs, t)
+    results = {}
+    from tqdm import tqdm
+    for j, dev in enumerate(tqdm(cols, desc="devices", unit="device")):
+        results[dev] = evaluate_real(feats, counts, flops, Y[:, j], dev, draws=args.draws, seed=args.seed)
+    print(real_table(results, args.draws), flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--watts", type=float, default=15.0, help="power while busy (W): energy = latency x watts")
@@ -105,7 +194,11 @@ def main() -> int:
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_measure", action="store_true", help="synthetic devices only")
+    p.add_argument("--table", default=R.TABLE, help="NB201 latency table (the real devices)")
+    p.add_argument("--real_only", action="store_true", help="only the real devices of --table")
     args = p.parse_args()
+    if args.real_only:
+        return main_real(args)
     cache = {}
     if os.path.exists(args.cache) and not args.remeasure:
         with open(args.cache, encoding="utf-8") as f:

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device_name", default=None, help="device name for the model's metadata")
     _network_flags(f)
     f.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
+    f.add_argument("--prior", default=None, metavar="auto|NAME",
+                   help="start from the prior bank: 'auto' (the entry that explains the measurements best), an "
+                        "entry's name (dl_energy_estimator/priors.json) or 'analytical'; default: the analytical model")
     f.add_argument("--no_progress", action="store_true")
     return p
 
@@ -196,6 +199,9 @@ def format_report(est: EnergyEstimator) -> str:
              f" torch {m['torch']}, {m['date']})"]
     if m.get("idle_w") is not None and m["source"] in ("nvml", "rapl", "zeus", "counter_file", "power_file"):
         lines.append(f"idle power subtracted: {m['idle_w']:.2f} W")
+    if fit.get("method") == "evidence":
+        lines.append(f"prior {fit.get('prior')}; fit by the evidence on {fit.get('n_samples')} samples: "
+                     f"{fit.get('why')}")
     cands = fit.get("candidates") or []
     if cands:
         lines.append(f"model chosen by {fit.get('cv_folds')}-fold cross-validation (x{fit.get('cv_repeats')}, seed "
@@ -360,7 +366,7 @@ def fit_cmd(args: argparse.Namespace) -> int:
     est0 = EnergyEstimator.default(batch_size=batch)
     date = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
     meta.update({"name": f"{meta['source']}-{meta['device']}-b{batch}-{date[:10]}", "batch_size": batch, "date": date})
-    fitted = est0.fit_features(feats, y, meta=meta, seed=args.seed)
+    fitted = est0.fit_features(feats, y, meta=meta, seed=args.seed, prior=args.prior)
     pred = np.array([fitted.predict_features(f) for f in feats])
     stats = dict(fitted.fit_stats)
     stats["spearman_in_sample"] = spearman(pred, y)

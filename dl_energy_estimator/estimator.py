@@ -16,6 +16,7 @@ from . import schema
 from .defaults import FAMILIES, FEATURES, analytical_coefficients
 from .features import FeaturesFn, LayerFeatures
 from .fitting import COLUMNS, design_row, fit_cv, fit_fixed
+from .fitting import check_values as fitting_check
 from .schema import EnergyModelError
 from .trace import check_shape, trace
 
@@ -170,33 +171,52 @@ class EnergyEstimator:
 
     # ------------------------------------------------------------------ calibration
     def fit(self, samples: Iterable[tuple[nn.Module, Sequence[int], float]], ridge: float | None = None,
-            meta: dict | None = None, seed: int = 0, constant: bool | None = None) -> "EnergyEstimator":
+            meta: dict | None = None, seed: int = 0, constant: bool | None = None,
+            prior: str | None = None) -> "EnergyEstimator":
         """A new estimator fitted to ``(module, input_shape, joules_per_sample)`` samples (ops and/or whole
         networks). This estimator's coefficients are the prior; the model's complexity is chosen by seeded
         cross-validation (``ridge`` given: the per family x feature model at that ridge instead); see ``fitting.py``.
 
         ``constant``: whether a constant per forward pass (not part of the per-layer model; reported in
         ``fit_stats["intercept_mj"]``) may be fitted; None: only when every sample runs at least
-        ``NETWORK_LAYERS`` layers (whole networks, not single ops)."""
+        ``NETWORK_LAYERS`` layers (whole networks, not single ops). ``prior``: start from the prior bank instead
+        of this estimator's coefficients (``"auto"``: the bank's best entry for these samples, or a name of
+        ``priors.names()``, or ``"analytical"``; see ``priors.py``)."""
         feats, y = [], []
         for module, shape, joules in samples:
             feats.append(self.family_features(module, shape))
             y.append(float(joules))
-        return self.fit_features(feats, y, ridge=ridge, meta=meta, seed=seed, constant=constant)
+        return self.fit_features(feats, y, ridge=ridge, meta=meta, seed=seed, constant=constant, prior=prior)
 
     def design(self, feats: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Design matrix of the fit: the prior's joules per (family, feature) column, one row per sample."""
         return np.array([design_row(f, self.coefficients) for f in feats]).reshape(len(feats), len(COLUMNS))
 
     def fit_features(self, feats: Sequence[dict[str, np.ndarray]], y: Sequence[float], ridge: float | None = None,
-                     meta: dict | None = None, seed: int = 0, constant: bool | None = None) -> "EnergyEstimator":
-        """Like :meth:`fit`, from precomputed per-sample :meth:`family_features` (at this model's batch size)."""
+                     meta: dict | None = None, seed: int = 0, constant: bool | None = None,
+                     prior: str | None = None, exclude_priors: Sequence[str] = (), report: bool = True
+                     ) -> "EnergyEstimator":
+        """Like :meth:`fit`, from precomputed per-sample :meth:`family_features` (at this model's batch size).
+        ``exclude_priors``: bank entries ``prior="auto"`` may not pick (judging the bank on a device it holds);
+        ``report``: cross-validate the candidates for ``fit_stats["candidates"]`` (off: faster, same model)."""
         y_arr = np.asarray(y, dtype=float)
-        A = self.design(feats)
         if constant is None:
             layers = [sum(float(v[2]) for v in f.values()) * self.batch_size for f in feats]
             constant = bool(layers) and min(layers) >= NETWORK_LAYERS
-        m, _, stats = (fit_cv(A, y_arr, seed=seed, constant=constant) if ridge is None
+        if prior is not None:
+            from . import priors
+            choice: list = []
+            name = prior
+            if prior == "auto":
+                fitting_check(y_arr)
+                name, choice = priors.choose(feats, y_arr, constant, exclude_priors)
+            start = type(self)(priors.coefficients(name), {**self.meta, "name": f"prior-{name}"}, {})
+            fitted = start.fit_features(feats, y_arr, ridge=ridge, meta=meta, seed=seed, constant=constant,
+                                        report=report)
+            fitted.fit_stats.update({"prior": name, "prior_choice": choice})
+            return type(self)(fitted.coefficients, fitted.meta, fitted.fit_stats)
+        A = self.design(feats)
+        m, _, stats = (fit_cv(A, y_arr, seed=seed, constant=constant, report=report) if ridge is None
                        else fit_fixed(A, y_arr, ridge))
         coef = {fam: dict(c) for fam, c in self.coefficients.items()}
         for j, (fam, k) in enumerate(COLUMNS):

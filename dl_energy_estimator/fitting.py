@@ -1,26 +1,24 @@
-"""Fitting the coefficients to measurements: nested models chosen by cross-validated rank correlation.
+"""Fitting the coefficients to measurements: the prior's coefficients shrunk toward the data by the evidence.
 
-Unknowns are non-negative *multipliers* of the prior (default) coefficients, one per (family, feature) column:
+Unknowns are non-negative *multipliers* of the prior coefficients, one per (family, feature) column:
 ``coef = prior * m``. Column ``j`` of the design matrix ``A`` is the prior's energy contribution of that feature
 (joules), and each row is divided by its measured target, so every fit minimises relative errors.
 
-Whole networks of one search space mix the same layers in similar proportions, so their columns are nearly
-collinear and ~30 free multipliers fit the noise of 60 measurements. :func:`fit_cv` therefore lets the data choose
-the complexity: seeded k-fold cross-validation *inside the samples* over
-
-* nested structures, each a partition of the columns into groups that share one multiplier
-  (``global`` one scale; ``feature`` compute / memory / calls; ``family`` one scale per layer family; ``calls``
-  one multiplier per family's calls, compute and memory sharing one; ``family_calls`` per family compute+memory
-  and calls; ``full`` per family x feature),
-* with and without a constant per forward pass (``+c``: what every network pays whatever its layers -- input
-  copy, synchronisation, a launch floor; it is reported in ``fit`` but cannot be part of a per-layer model),
-* a path of ridge strengths pulling each multiplier toward the coarser fit.
-
-The scaled prior is kept unless some candidate beats it beyond the noise of a paired bootstrap of its out-of-fold
-predictions (``Z`` standard deviations, see :func:`select`). Once one does, the prior is ruled out and every
-candidate that beats it by a lower bar (``Z_IN``) competes: the best cross-validated Spearman rank correlation
-wins, candidates within ``tie`` of it count as tied and the lowest median relative error wins among them (then the
-simpler). Everything is deterministic for a given seed.
+:func:`fit_cv` fits ``m = s * v``: ``s`` one scale for the whole prior (with the constant per forward pass when
+one is allowed), ``v`` one factor per group of columns (a *structure*: ``global`` one group; ``feature``
+compute / memory / calls; ``family`` one per layer family; ``calls`` per family's calls, compute and memory sharing
+one; ``family_calls`` per family compute+memory and calls; ``full`` per family x feature), each pulled toward 1 by
+a Gaussian prior ``v ~ N(1, tau^2)``; the measurements' relative errors are Gaussian with ``sigma``. For every
+structure (with and without a constant ``+c``: what every network pays whatever its layers -- input copy,
+synchronisation, a launch floor; reported in ``fit``, not part of the per-layer model) the marginal likelihood
+(*evidence*) of the measurements is computed on a grid of ``(sigma, tau)``; the structures are averaged with
+weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform), the scaled prior (``global``) kept whole when it is at least KEEP_PRIOR
+times as likely as every other structure and left out of the average otherwise, and each one's factors are the average over
+``tau`` (weighted by the evidence) of the non-negative ridge solutions at ``ridge = sigma^2 / tau^2``. So 10 clean measurements that the
+prior cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose scatter
+is noise (``tau`` near 0 explains them as well) leave the scaled prior. Deterministic (no randomness in the
+choice); the seeded cross-validation (``cross_validate``) is a report: every structure and ridge of a fixed path,
+and the chosen model, out of fold.
 """
 from __future__ import annotations
 
@@ -44,6 +42,11 @@ Z_REL = 3.0       # ... or rank as well and beat its median relative error by th
                   # at an equal rank is no evidence for ranking, it must be unmistakable)
 Z_IN = 1.0        # once the prior is beaten, a candidate competes when it beats the prior by this many
 BOOTS = 200       # paired bootstrap resamples of the out-of-fold predictions
+TAUS = np.logspace(-1.5, 0.5, 13)  # prior sd of the factors (log-uniform grid, 0.03 to 3; the scaled prior is tau = 0)
+SIGMAS = np.logspace(-3.5, 0.5, 41)  # sd of the relative errors
+OMEGA = 0.5       # prior sd of the constant per pass around the scaled prior's, in units of the median target
+KEEP_PRIOR = 3.0  # the scaled prior is kept whole when at least this many times as likely as every other structure
+MIN_WEIGHT = 1e-4  # evidence weights below this (of the largest) are left out of the average over tau
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,16 @@ class Candidate:
     structure: str
     intercept: bool = False
     ridge: float = 0.0
-    toward: str = "feature"   # what the ridge pulls the finer structures toward: the feature fit, or "global"
+    toward: str = "feature"   # what the ridge pulls the finer structures toward: the feature fit, or "global";
+                              # "evidence": no fixed ridge, the evidence-weighted average (fit_evidence) whose
+                              # largest weight is on ``structure``
+    constant: bool = True     # "evidence": whether the average may hold the structures with a constant
 
     @property
     def name(self) -> str:
         s = self.structure + ("+c" if self.intercept else "")
+        if self.toward == "evidence":
+            return f"evidence:{s}"
         return s if self.structure == "global" else f"{s}@{self.ridge:g}"
 
     @property
@@ -98,11 +106,16 @@ def groups(structure: str, active: Sequence[int]) -> list[list[int]]:
     return list(out.values())
 
 
-def check_targets(A: np.ndarray, y: np.ndarray) -> None:
-    if A.shape[0] == 0:
+def check_values(y: np.ndarray) -> None:
+    """Measured energies: at least one, each finite and > 0 (ValueError otherwise)."""
+    if len(y) == 0:
         raise ValueError("fit needs at least one sample")
     if np.any(~np.isfinite(y)) or np.any(y <= 0):
         raise ValueError("measured energies must be finite and > 0")
+
+
+def check_targets(A: np.ndarray, y: np.ndarray) -> None:
+    check_values(y)
     if not np.any(A.sum(1) > 0):
         raise ValueError("the samples have no features to fit (every traced layer is free)")
 
@@ -139,7 +152,11 @@ def solve(A: np.ndarray, y: np.ndarray, cand: Candidate, _bases: dict | None = N
     ``global`` and ``feature`` scale the prior (ridge toward the global scale); the finer structures scale the
     ``feature`` fit of the same ridge and constant (ridge toward it), so a device that differs from the prior
     mainly per feature (cheaper compute, dearer launches) needs no per-family deviation to be learned.
-    ``_bases``: a cache of those feature fits shared by the candidates of one training set."""
+    ``_bases``: a cache of those feature fits shared by the candidates of one training set.
+    ``toward == "evidence"``: :func:`shrink_fit` (the ridge is the evidence's, not ``cand.ridge``)."""
+    if cand.toward == "evidence":
+        m, c, _ = fit_evidence(A, y, cand.constant)
+        return m, c, global_scale(A, y)
     g = global_scale(A, y)
     Aw = A / y[:, None]
     active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
@@ -161,6 +178,85 @@ def solve(A: np.ndarray, y: np.ndarray, cand: Candidate, _bases: dict | None = N
     for vi, cols in zip(v, grp):
         m[cols] = base[cols] * vi
     return m, c, g
+
+
+def _anchor(Aw: np.ndarray, y: np.ndarray, active: np.ndarray, intercept: bool) -> tuple[float, float]:
+    """The scaled prior: scale ``s`` and (``intercept``) constant in units of the median target."""
+    v, c = _nnls(Aw, y, [list(active)], np.ones(Aw.shape[1]), 0.0, intercept)
+    return max(float(v[0]), 1e-300), c / float(np.median(y))
+
+
+def evidence(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool) -> dict:
+    """Log marginal likelihood of the relative errors under ``v ~ N(1, tau^2)`` per group of ``structure`` around
+    the scaled prior (and, with ``intercept``, the constant ~ N(the scaled prior's, OMEGA^2)), relative errors
+    ~ N(0, sigma^2): per tau of :data:`TAUS` (``global``: tau = 0 only), maximised over sigma of :data:`SIGMAS`.
+    Returns {"taus", "log_ev" (per tau), "sigmas" (the best per tau), "log_evidence" (integrated over the tau
+    grid, log-uniform), "scale", "groups"}. Linear algebra on the n x (groups + 1) factor, so n may be large."""
+    n = len(y)
+    Aw = A / y[:, None]
+    active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
+    s, c0 = _anchor(Aw, y, active, intercept)
+    grp = [list(active)] if structure == "global" else groups(structure, active)
+    Z = np.stack([Aw[:, cols].sum(1) * s for cols in grp], 1)
+    u = float(np.median(y)) / y
+    r = 1.0 - Z.sum(1) - (c0 * u if intercept else 0.0)
+    taus = np.array([0.0]) if structure == "global" else TAUS
+    s2 = SIGMAS ** 2
+    log_ev, best_sigma = np.empty(len(taus)), np.empty(len(taus))
+    rr = float(r @ r)
+    for i, t in enumerate(taus):
+        W = np.hstack([t * Z, OMEGA * u[:, None]]) if intercept else t * Z
+        if W.size and np.any(W):
+            # W's singular values and r's coordinates on its left singular vectors, from the small Gram matrix
+            lam, V = np.linalg.eigh(W.T @ W)
+            keep = lam > 1e-12 * max(lam.max(), 1e-300)
+            S = np.sqrt(lam[keep])
+            q = (V[:, keep].T @ (W.T @ r)) ** 2 / lam[keep]
+        else:
+            S, q = np.zeros(0), np.zeros(0)
+        D = S[None, :] ** 2 + s2[:, None]                        # eigenvalues of C in W's span, per sigma
+        quad = (q[None, :] / D).sum(1) + (rr - q.sum()) / s2
+        logdet = np.log(D).sum(1) + (n - len(S)) * np.log(s2)
+        ll = -0.5 * (quad + logdet + n * math.log(2 * math.pi))
+        k = int(np.argmax(ll))
+        log_ev[i], best_sigma[i] = ll[k], SIGMAS[k]
+    top = float(log_ev.max())
+    total = top + math.log(float(np.exp(log_ev - top).mean()))
+    return {"taus": taus, "log_ev": log_ev, "sigmas": best_sigma, "log_evidence": total, "scale": s,
+            "groups": len(grp)}
+
+
+def shrink_fit(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool, ev: dict | None = None
+               ) -> tuple[np.ndarray, float, dict]:
+    """Multipliers (over COLUMNS) and constant (J per sample) of one structure: the average over tau of the
+    non-negative ridge solutions at ``sigma(tau)^2 / tau^2``, weighted by their evidence; and the evidence."""
+    y = np.asarray(y, dtype=float)
+    ev = ev or evidence(A, y, structure, intercept)
+    Aw = A / y[:, None]
+    active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
+    base = np.full(len(COLUMNS), ev["scale"])
+    grp = [list(active)] if structure == "global" else groups(structure, active)
+    w = np.exp(ev["log_ev"] - ev["log_ev"].max())
+    w[w < MIN_WEIGHT] = 0.0
+    w /= w.sum()
+    m, c = np.zeros(len(COLUMNS)), 0.0
+    for wi, t, sg in zip(w, ev["taus"], ev["sigmas"]):
+        if wi == 0:
+            continue
+        if t == 0:  # the scaled prior (with its constant)
+            v, ci = _nnls(Aw, y, [list(active)], base, 0.0, intercept)
+            v = np.ones(len(grp)) * v[0]
+        else:
+            v, ci = _nnls(Aw, y, grp, base, float(sg * sg / (t * t) / len(y)), intercept)
+        mi = base.copy()
+        for vi, cols in zip(v, grp):
+            mi[cols] = base[cols] * vi
+        m += wi * mi
+        c += wi * ci
+    tau_mean = float(np.exp((w * np.log(np.maximum(ev["taus"], 1e-300))).sum())) if ev["taus"].max() > 0 else 0.0
+    info = {"log_evidence": ev["log_evidence"], "tau": tau_mean,
+            "sigma": float((w * ev["sigmas"]).sum()), "groups": ev["groups"]}
+    return m, c, info
 
 
 def fold_ids(n: int, folds: int, seed: int, repeat: int) -> np.ndarray:
@@ -247,31 +343,101 @@ def select(rows: list[dict], tie: float = TIE, z: float = 1.0, z_in: float = Z_I
     return min(tied, key=lambda i: (round(rows[i]["cv_median_rel_error"], 4), i))
 
 
+def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[np.ndarray, float, dict]:
+    """Every structure (with a constant too, if ``constant``), each shrunk by :func:`shrink_fit`, averaged with
+    weights ``exp(log evidence)`` (Bayesian model averaging: two structures the data cannot tell apart share the
+    model instead of a coin flip choosing one). Returns (multipliers, constant, {"rows": per structure, "top":
+    the candidate of the largest weight, "tau", "sigma": the top structure's})."""
+    y = np.asarray(y, dtype=float)
+    rows, evs = [], []
+    for st in STRUCTURES:
+        for ic in ((False, True) if constant else (False,)):
+            ev = evidence(A, y, st, ic)
+            k = int(np.argmax(ev["log_ev"]))
+            rows.append({"name": st + ("+c" if ic else ""), "structure": st, "intercept": ic,
+                         "log_evidence": ev["log_evidence"], "groups": ev["groups"],
+                         "tau_map": float(ev["taus"][k]), "sigma_map": float(ev["sigmas"][k])})
+            evs.append(ev)
+    le = np.array([r["log_evidence"] for r in rows])
+    w = np.exp(le - le.max())
+    w[w < MIN_WEIGHT] = 0.0
+    w /= w.sum()
+    m, c, top_info = np.zeros(len(COLUMNS)), 0.0, {}
+    top = int(np.argmax(w))
+    second = max((float(w[i]) for i in range(len(rows)) if i != top), default=0.0)
+    if rows[top]["structure"] == "global" and w[top] >= KEEP_PRIOR * second:
+        # the scaled prior is clearly the likeliest model: keep it whole (the others, shrunk toward it, would only
+        # blur its ranking by their share of noise); when it is only about as likely, the average hedges
+        w = np.eye(len(rows))[top]
+    else:
+        # not clearly the likeliest: the fitted structures share the model without it. Each already holds the
+        # scaled prior as its tau -> 0 limit; a share of the whole scaled prior on top pulls the ranking back to
+        # the default's when the data say it is not the model (10 samples of a device 8 % off the prior)
+        for i, r in enumerate(rows):
+            if r["structure"] == "global":
+                w[i] = 0.0
+        w /= w.sum()
+        top = int(np.argmax(w))
+    for i, (r, ev) in enumerate(zip(rows, evs)):
+        r["weight"] = float(w[i])
+        if w[i] == 0:
+            continue
+        mi, ci, info = shrink_fit(A, y, r["structure"], r["intercept"], ev)
+        m += w[i] * mi
+        c += w[i] * ci
+        if i == top:
+            top_info = info
+    cand = (Candidate("global", rows[top]["intercept"]) if w[top] == 1.0 and rows[top]["structure"] == "global"
+            else Candidate(rows[top]["structure"], rows[top]["intercept"], toward="evidence", constant=constant))
+    return m, c, {"rows": rows, "top": cand, "tau": top_info["tau"], "sigma": top_info["sigma"]}
+
+
 def fit_cv(A: np.ndarray, y: np.ndarray, seed: int = 0, constant: bool = True, folds: int = 5, repeats: int = 2,
-           ridges: Sequence[float] = RIDGES, tie: float | None = None, z: float | None = None
-           ) -> tuple[np.ndarray, float, dict]:
-    """Choose a candidate by cross-validation and fit it on all samples.
+           ridges: Sequence[float] = RIDGES, tie: float | None = None, z: float | None = None,
+           rule: str = "evidence", report: bool = True) -> tuple[np.ndarray, float, dict]:
+    """Fit the multipliers: the structure of the highest evidence, shrunk toward the scaled prior (``rule=
+    "evidence"``, :func:`shrink_fit`), or the cross-validated choice of one fixed-ridge candidate (``rule="cv"``,
+    :func:`select`: the issue-13 rule).
 
     ``constant``: also try a constant per forward pass. Only for whole networks: on single layers it would take
-    the per-call energy that the per-layer model must keep. Returns (multipliers over COLUMNS, constant per
-    forward pass in J per sample, statistics for ``fit``)."""
+    the per-call energy that the per-layer model must keep. ``report``: cross-validate every candidate (and the
+    chosen model) for ``fit_stats["candidates"]`` (seeded; with at least MIN_CV samples). Returns (multipliers over
+    COLUMNS, constant per forward pass in J per sample, statistics for ``fit``)."""
     y = np.asarray(y, dtype=float)
     check_targets(A, y)
+    if rule not in ("evidence", "cv"):
+        raise ValueError(f"unknown rule {rule!r}: evidence or cv")
     tie, z = TIE if tie is None else tie, Z if z is None else z
     cands = candidates(ridges, constant=constant)
-    if len(y) < MIN_CV:
-        rows, k = [], 0
+    stats: dict = {"seed": seed, "rule": rule}
+    if rule == "evidence":
+        m, c, info = fit_evidence(A, y, constant)
+        chosen, ev_rows = info["top"], info["rows"]
+        g = global_scale(A, y)
+        if chosen.name not in {cd.name for cd in cands}:
+            cands.append(chosen)
+        used = sorted((r for r in ev_rows if r["weight"] > 0), key=lambda r: -r["weight"])
+        stats.update({"method": "evidence", "evidence": ev_rows, "tau": info["tau"], "sigma": info["sigma"],
+                      "ridge": float(info["sigma"] ** 2 / info["tau"] ** 2) if info["tau"] > 0 else None,
+                      "why": "average of " + ", ".join(f"{r['name']} {r['weight']:.2f}" for r in used)
+                             + f" (weights: evidence); {used[0]['name']}'s factors ~ N(1, {info['tau']:.3g}^2) "
+                               f"around the scaled prior, relative noise {info['sigma']:.3g}"})
+        rows = cross_validate(A, y, cands, folds, repeats, seed) if report and len(y) >= MIN_CV else []
+        k = next((i for i, cd in enumerate(cands) if cd.name == chosen.name), 0)
     else:
-        rows = cross_validate(A, y, cands, folds, repeats, seed)
-        k = select(rows, tie, z)
-    chosen = cands[k]
-    m, c, g = solve(A, y, chosen)
+        if len(y) < MIN_CV:
+            rows, k = [], 0
+        else:
+            rows = cross_validate(A, y, cands, folds, repeats, seed)
+            k = select(rows, tie, z)
+        chosen = cands[k]
+        m, c, g = solve(A, y, chosen)
+        stats.update({"method": "cross-validated" if rows else "scaled prior (fewer than %d samples)" % MIN_CV,
+                      "ridge": chosen.ridge, "tie": tie, "z": z, "z_in": min(z, Z_IN)})
     pred = A @ m + c
-    stats = {"method": "cross-validated" if rows else "scaled prior (fewer than %d samples)" % MIN_CV,
-             "chosen": chosen.name, "structure": chosen.structure, "ridge": chosen.ridge,
-             "intercept_j": c, "global_scale": g, "seed": seed, "cv_folds": min(folds, len(y)) if rows else 0,
-             "cv_repeats": repeats if rows else 0, "tie": tie, "z": z, "z_in": min(z, Z_IN),
-             "median_rel_error": float(np.median(np.abs(pred - y) / y)), "candidates": rows}
+    stats.update({"chosen": chosen.name, "structure": chosen.structure, "intercept_j": c, "global_scale": g,
+                  "cv_folds": min(folds, len(y)) if rows else 0, "cv_repeats": repeats if rows else 0,
+                  "median_rel_error": float(np.median(np.abs(pred - y) / y)), "candidates": rows})
     if rows:
         stats["cv_spearman"] = rows[k]["cv_spearman"]
         stats["cv_median_rel_error"] = rows[k]["cv_median_rel_error"]

@@ -331,7 +331,7 @@ def evaluate(nets: list[Net], y: np.ndarray, sizes=(60, 240), draws: int = 5, se
         out["default"].append(rho(default[test], y[test]))
         for s in sizes:
             tr = perm[:s]
-            fitted = est.fit_features([nets[i].feats for i in tr], y[tr], seed=seed)
+            fitted = est.fit_features([nets[i].feats for i in tr], y[tr], seed=seed, report=False)
             pred = [fitted.predict_features(nets[i].feats) for i in test]
             out[f"fit{s}"].append(rho(pred, y[test]))
             out[f"nnls{s}"].append(rho(nnls_op_counts(X[tr], y[tr], X[test]), y[test]))

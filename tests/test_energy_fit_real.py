@@ -1,0 +1,130 @@
+"""Issue 22: the fit on measured devices (an extract of the NAS-Bench-201 latency table, tests/data), and the prior
+bank. Networks as NB201's code runs them (bench/nb201_real.py: features summed from per-edge terms)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import nb201_real as R  # noqa: E402
+import nb201  # noqa: E402
+from dl_energy_estimator import EnergyEstimator, priors  # noqa: E402
+from dl_energy_estimator.fitting import spearman  # noqa: E402
+from estimator_fit import evaluate_real  # noqa: E402
+
+DATA = os.path.join(ROOT, "tests", "data", "nb201_latency_extract.csv")
+TOL = 0.01  # the issue's tolerance against counting ops
+
+
+@pytest.fixture(scope="module")
+def table():
+    with open(DATA, newline="") as f:
+        rows = list(csv.reader(f))
+    archs = [nb201.parse_arch(r[0]) for r in rows[1:]]
+    t = R.terms()["measured"]
+    feats = [R.features(a, t) for a in archs]
+    return (feats, R.op_counts(archs), R.flops(archs, t), rows[0][1:],
+            np.array([[float(v) for v in r[1:]] for r in rows[1:]]))
+
+
+@pytest.mark.parametrize("device", ["1080ti_1", "titan_rtx_32", "silver_4114", "samsung_a50"])
+def test_fit_worst_draw_vs_op_counts_and_default(table, device):
+    """5 draws: at n=20 the fit's worst draw is at least the op-count NNLS's (less TOL); at n=10 at least the
+    default's. The bank fit (the device's own entry left out) at n=20 against the op counts too (at n=10 it may fall
+    below a default that already ranks well: bench/README.md)."""
+    feats, counts, flops, cols, Y = table
+    r = evaluate_real(feats, counts, flops, Y[:, cols.index(device)], device, sizes=(10, 20), draws=5)
+    msg = {n: {k: np.round(v, 3).tolist() for k, v in r[n].items() if k in ("default", "fit", "bank", "nnls")}
+           for n in r}
+    assert min(r[20]["fit"]) >= min(r[20]["nnls"]) - TOL, msg
+    assert min(r[10]["fit"]) >= min(r[10]["default"]) - 1e-3, msg
+    assert min(r[20]["bank"]) >= min(r[20]["nnls"]) - TOL, msg
+    assert device not in r[10]["prior"]
+
+
+def test_clean_measurements_move_the_model_noisy_ones_do_not(table):
+    """10 clean measurements of a device the default ranks badly move the factors; the same device with 30 %
+    noise keeps (about) the scaled prior; stats say why."""
+    feats, _, _, cols, Y = table
+    y = Y[:, cols.index("1080ti_1")]
+    est = EnergyEstimator.default()
+    clean = est.fit_features(feats[:10], y[:10], report=False)
+    spread = lambda e: np.ptp(np.log([v for f in e.fit_stats["multipliers"].values() for v in f if v > 0]))
+    assert clean.fit_stats["method"] == "evidence" and "average of" in clean.fit_stats["why"]
+    assert clean.fit_stats["tau"] > 0.1 and spread(clean) > 1.0
+    noisy_y = y[:10] * np.exp(0.3 * np.random.default_rng(0).standard_normal(10))
+    noisy = est.fit_features(feats[:10], noisy_y, report=False)
+    assert noisy.fit_stats["evidence"][0]["name"] == "global"
+    assert spread(noisy) < 0.5 * spread(clean)
+    # deterministic
+    again = est.fit_features(feats[:10], y[:10], report=False)
+    assert again.to_dict()["coefficients"] == clean.to_dict()["coefficients"]
+
+
+def test_scaled_prior_is_whole_or_left_out(table):
+    """The scaled prior (``global``) is never a share of an average: kept whole (weight 1, at least KEEP_PRIOR
+    times as likely as every other structure) or left out (weight 0), whatever the draw."""
+    from dl_energy_estimator import fitting as F
+    feats, _, _, cols, Y = table
+    est = EnergyEstimator.default()
+    for j in (0, len(cols) - 1):
+        y = Y[:, j]
+        for lo in (0, 10, 20):
+            ev = est.fit_features(feats[lo:lo + 10], y[lo:lo + 10], report=False).fit_stats["evidence"]
+            w = {r["name"]: r["weight"] for r in ev}
+            assert w["global"] in (0.0, 1.0) and w.get("global+c", 0.0) in (0.0, 1.0), w
+            le = {r["name"]: r["log_evidence"] for r in ev}
+            kept = max(le, key=le.get).startswith("global") and all(
+                le[max(le, key=le.get)] - v >= np.log(F.KEEP_PRIOR) - 1e-9 for k, v in le.items()
+                if k != max(le, key=le.get))
+            assert (max(w["global"], w.get("global+c", 0.0)) == 1.0) == kept, (w, le)
+
+
+def test_prior_bank_ships_with_provenance_and_auto_picks_a_device_of_the_kind():
+    doc = priors.load()
+    assert doc["kind"] == "prior_bank" and "HELP" in doc["source"]["measurements"]
+    assert len(priors.names()) == 23 and all("coefficients" in e for e in doc["priors"].values())
+    assert priors.coefficients("analytical") == EnergyEstimator.default().coefficients
+    with pytest.raises(priors.PriorError, match="unknown prior 'nope'"):
+        priors.coefficients("nope")
+    # every family gets coefficients, also those NB201 networks never run
+    c = priors.coefficients("pixel2")
+    assert set(c) == set(EnergyEstimator.default().coefficients) and all(v >= 0 for f in c.values()
+                                                                         for v in f.values())
+
+
+def test_auto_prior_of_a_gpu_is_a_gpu(table):
+    feats, _, _, cols, Y = table
+    y = Y[:10, cols.index("1080ti_1")]
+    fitted = EnergyEstimator.default().fit_features(feats[:10], y, prior="auto", exclude_priors=["1080ti_1"],
+                                                    report=False)
+    assert fitted.fit_stats["prior"] != "1080ti_1"
+    assert priors.load()["priors"][fitted.fit_stats["prior"]]["kind"].startswith("desktop GPU")
+    assert [r["prior"] for r in fitted.fit_stats["prior_choice"]][0] == fitted.fit_stats["prior"]
+
+
+def test_cli_fit_with_prior(table, tmp_path):
+    """python -m dl_energy_estimator fit --space nb201 --table ... --prior auto|NAME (derived networks)."""
+    from dl_energy_estimator.cli import main
+    feats, _, _, cols, Y = table
+    with open(DATA, newline="") as f:
+        rows = list(csv.reader(f))[:13]
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([[r[0], r[1]] for r in rows])
+    for prior in ("auto", "titanx_1"):
+        out = tmp_path / f"em_{prior}.json"
+        assert main(["fit", "--space", "nb201", "--table", str(path), "--column", "1080ti_1", "--unit", "ms",
+                     "--watts", "10", "--out", str(out), "--no_progress", "--prior", prior]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["fit"]["prior"] == (prior if prior != "auto" else doc["fit"]["prior_choice"][0]["prior"])
+    assert main(["fit", "--space", "nb201", "--table", str(path), "--column", "1080ti_1", "--unit", "ms",
+                 "--watts", "10", "--out", str(tmp_path / "x.json"), "--no_progress", "--prior", "nope"]) == 2
+    assert not (tmp_path / "x.json").exists()
