@@ -25,9 +25,9 @@ if [ "$DEVICE" = cuda ]; then
     BENCH="--batch_size 64 --steps 10 --warmup 3"; TRAIN="--batch_size 96 --steps 10 --warmup 3"
     IMAGES=500; SEARCH="--batch_size 64"; NET="--init_channels 16 --layers 8"; NB_LAYERS=20; NB_CH=36
 else  # dry run: toy sizes, every step still runs
-    BENCH="--batch_size 2 --layers 2 --init_channels 4 --steps 1 --warmup 1 --no_memory"
+    BENCH="--batch_size 2 --layers 3 --init_channels 4 --steps 1 --warmup 1 --no_memory"
     TRAIN="--batch_size 2 --layers 2 --init_channels 4 --steps 1 --warmup 1 --no_memory"
-    IMAGES=4; SEARCH="--batch_size 8"; NET="--init_channels 4 --layers 2"; NB_LAYERS=2; NB_CH=4
+    IMAGES=4; SEARCH="--batch_size 8"; NET="--init_channels 4 --layers 3"; NB_LAYERS=2; NB_CH=4
 fi
 : > "$OUT_DIR/status.txt"
 run() {  # run NAME CMD...: output to NAME.txt, exit status to status.txt
@@ -83,7 +83,7 @@ run train_step python bench/train_step.py --device "$DEVICE" $TRAIN --json "$OUT
 
 # 4. torchrun on one process (NCCL on CUDA)
 run torchrun python -m torch.distributed.run --standalone --nproc_per_node 1 train_search.py --dataset digits \
-    --device "$DEVICE" --epochs 1 --init_channels 4 --layers 2 --log_dir "$OUT_DIR/runs" --run_name torchrun \
+    --device "$DEVICE" --epochs 1 --init_channels 4 --layers 3 --log_dir "$OUT_DIR/runs" --run_name torchrun \
     --wandb disabled
 
 # 5. energy of one network, measured (Zeus on a GPU; latency x 15 W on the CPU dry run)
