@@ -222,21 +222,6 @@ def _tuples(x):
 # --------------------------------------------------------------------------------------------- measuring
 
 
-class AvgMeter:
-    """Running average weighted by batch size."""
-
-    def __init__(self) -> None:
-        self.sum, self.n = 0.0, 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += float(value) * n
-        self.n += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(self.n, 1)
-
-
 def correct_counts(logits: torch.Tensor, target: torch.Tensor, topk: Tuple[int, ...] = (1,)) -> torch.Tensor:
     """Top-k hits of a batch, one float per k, left on the device (no host sync)."""
     maxk = min(max(topk), logits.shape[1])
@@ -245,15 +230,10 @@ def correct_counts(logits: torch.Tensor, target: torch.Tensor, topk: Tuple[int, 
     return torch.stack([correct[:min(k, maxk)].reshape(-1).float().sum() for k in topk])
 
 
-def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Tuple[int, ...] = (1,)):
-    """Top-k accuracies in percent (read to the host)."""
-    return [c * 100.0 / target.size(0) for c in correct_counts(logits, target, topk).tolist()]
-
-
 class DeviceMeter:
     """Running averages weighted by batch size, summed on the device in float64 and read with one host sync
-    (`read()`, at a log interval or the end of an epoch): the per-step `.item()`s of an AvgMeter stall a GPU.
-    `add(values, n)`: a 1-d tensor of batch means (one per name). Sums the same float64 products as AvgMeter."""
+    (`read()`, at a log interval or the end of an epoch): a per-step `.item()` would stall a GPU.
+    `add(values, n)`: a 1-d tensor of batch means (one per name), summed as float64 products of mean and n."""
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names, self.n = list(names), 0
