@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ def arch_lr_for_steps(steps_per_epoch: int, epochs: int) -> float:
 class Architect:
     """Adam on the alphas (betas (0.5, 0.999)), as DARTS; `unrolled` for the second-order step."""
 
-    def __init__(self, model, arch_learning_rate: float = 3e-4, arch_weight_decay: float = 1e-3,
+    def __init__(self, model, *, arch_learning_rate: float = 3e-4, arch_weight_decay: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 3e-4, task_weight: float = 0.9,
                  energy_weight: float = 0.05, unrolled: bool = False, grad_hook=None,
                  autocast=contextlib.nullcontext) -> None:
@@ -199,3 +199,40 @@ class Architect:
         diff = torch._foreach_sub(grads_p, grads_n)
         torch._foreach_div_(diff, 2 * R)
         return diff
+
+
+# ------------------------------------------------ the energy weight over the search: ramp and budget
+def energy_scale(epoch: int, warmup_epochs: int, ramp_epochs: int) -> float:
+    """The energy weight's share in `epoch` (0-based): 0 during the warm-up, then a linear ramp over
+    `ramp_epochs` (1 without one)."""
+    if epoch < warmup_epochs:
+        return 0.0
+    return min(1.0, (epoch - warmup_epochs + 1) / ramp_epochs) if ramp_epochs else 1.0
+
+
+class BudgetController:
+    """Energy budget as a constraint, E_derived <= budget, with a Lagrange multiplier: after each measurement of
+    the derived network's energy, lambda <- clip(lambda + rate * (E / budget - 1), 0, max_lambda). lambda
+    multiplies the normalized expected energy in the alphas' objective, so it rises while the derived cell is
+    over budget and decays to 0 (no energy pressure at all) while it is under: only excess energy is penalized.
+    The derived energy is measured directly (not mapped from the supernet's expected energy, whose widths and
+    depth differ from the network train.py builds)."""
+
+    def __init__(self, budget_mj: float, rate: float = 0.02, lam: float = 0.0, max_lambda: float = 10.0) -> None:
+        if budget_mj <= 0:
+            raise ValueError("the energy budget must be positive")
+        self.budget_mj, self.rate, self.lam, self.max_lambda = budget_mj, rate, lam, max_lambda
+
+    def update(self, energy_mj: float) -> float:
+        """One multiplier step from a measured derived energy (mJ per image); returns the new lambda."""
+        self.lam = min(self.max_lambda, max(0.0, self.lam + self.rate * (energy_mj / self.budget_mj - 1.0)))
+        return self.lam
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"lam": self.lam}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        lam = state.get("lam")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= self.max_lambda:
+            raise ValueError(f"lambda {lam!r} is not a number in [0, {self.max_lambda}]")
+        self.lam = float(lam)

@@ -10,13 +10,15 @@ inputs, 2.. the earlier nodes). Its weights are the supernet's (edges x ops) sof
 """
 from __future__ import annotations
 
+import argparse
 import math
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from genotypes import Genotype
 from operations import POOLS, is_parametric
+from plumbing.cliargs import CLIError
 
 Pair = Tuple[str, int]
 CellPairs = List[Pair]
@@ -192,7 +194,107 @@ def derive_genotype(weights: Dict[str, Weights], primitives: Sequence[str], step
 def project_genotype(genotype: Genotype, weights: Dict[str, Weights], primitives: Sequence[str], costs,
                      budget_mj: float, max_skip: Optional[int] = None, min_parametric: int = 0,
                      actions: Optional[List[str]] = None) -> Genotype:
-    """`genotype` projected onto `budget_mj` with the additive prices of `costs` (derived_energy.CellCosts)."""
+    """`genotype` projected onto `budget_mj` with the additive prices of `costs` (model.CellCosts)."""
     cells = project_to_budget({"normal": genotype.normal, "reduce": genotype.reduce}, weights, primitives,
                               costs.cost, costs.base, budget_mj, max_skip, min_parametric, actions)
     return Genotype(cells["normal"], genotype.normal_concat, cells["reduce"], genotype.reduce_concat)
+
+
+# ------------------------------------------------------------ guards' flags and the early stop (DARTS+)
+def check_guard_args(args: argparse.Namespace, pairs: int = 2 * 4) -> None:
+    """--max_skip / --min_parametric fit a normal cell of `pairs` ops; the warm-up leaves epochs to search."""
+    if args.min_parametric is None:
+        args.min_parametric = 2 if args.max_skip is not None else 0
+    if args.min_parametric > pairs or (args.max_skip or 0) > pairs:
+        raise CLIError(f"--max_skip / --min_parametric must be at most {pairs} (ops in a normal cell)")
+    if args.min_parametric and not any(is_parametric(p) for p in args.primitives if p != "none"):
+        raise CLIError("--min_parametric needs a parametric op among --primitives")
+    if args.warmup_epochs >= args.epochs:
+        raise CLIError(f"--warmup_epochs {args.warmup_epochs} leaves no epoch to search the alphas "
+                       f"(--epochs {args.epochs})")
+
+
+class CollapseStopper:
+    """DARTS+ early stop. Feed `update()` the UNGUARDED genotype of each epoch (and optionally the ranking of ops,
+    e.g. the argmax per edge; the genotype itself by default) plus the `result` that epoch would write. Stops when
+    the normal cell holds more than `max_skips` skip_connects for `consecutive` epochs in a row, or when the
+    ranking has not changed for `patience` epochs. `result` / `result_epoch` are then those of the last healthy
+    epoch (unguarded normal cell within `max_skips`); without one, those of the least collapsed epoch (fewest
+    skips, the latest of equals), and `reason` says so. The whole state is in `state_dict()` (plain values, for a
+    weights_only checkpoint), so a resumed search keeps what it kept and knows that it stopped."""
+
+    def __init__(self, max_skips: int = 2, consecutive: int = 2, patience: Optional[int] = None) -> None:
+        self.max_skips, self.consecutive, self.patience = max_skips, consecutive, patience
+        self.collapsed_run = 0
+        self.stable_run = 0
+        self.last_ranking: Optional[Hashable] = None
+        self.result: Any = None
+        self.result_epoch: Optional[int] = None
+        self.result_skips: Optional[int] = None
+        self.reason: Optional[str] = None
+        self.stopped = False
+
+    @staticmethod
+    def skips(genotype) -> int:
+        return sum(op == "skip_connect" for op, _ in genotype.normal)
+
+    @property
+    def healthy_kept(self) -> bool:
+        return self.result_skips is not None and self.result_skips <= self.max_skips
+
+    def update(self, epoch: int, genotype, result: Any = None, ranking: Optional[Hashable] = None) -> bool:
+        """Record one epoch; True when the search should stop now."""
+        result = genotype if result is None else result
+        ranking = (tuple(map(tuple, genotype.normal)), tuple(map(tuple, genotype.reduce))) \
+            if ranking is None else ranking
+        skips = self.skips(genotype)
+        if skips > self.max_skips:
+            self.collapsed_run += 1
+        else:
+            self.collapsed_run = 0
+        if skips <= self.max_skips or not self.healthy_kept and (self.result_skips is None
+                                                                   or skips <= self.result_skips):
+            self.result, self.result_epoch, self.result_skips = result, epoch, skips
+        self.stable_run = self.stable_run + 1 if ranking == self.last_ranking else 0
+        self.last_ranking = ranking
+        if self.collapsed_run >= self.consecutive:
+            self._stop(f"the unguarded normal cell held more than {self.max_skips} skip_connects ({skips} now) "
+                       f"for {self.consecutive} epochs")
+        elif self.patience is not None and self.stable_run >= self.patience:
+            self._stop(f"the ranking of ops has been stable for {self.patience} epochs")
+        return self.stopped
+
+    def _stop(self, why: str) -> None:
+        kept = (f"keeping the genotype of epoch {self.result_epoch}" if self.healthy_kept else
+                f"no epoch was healthy: keeping the least collapsed one, epoch {self.result_epoch} "
+                f"({self.result_skips} skip_connects)")
+        self.stopped, self.reason = True, f"early stop: {why}; {kept}"
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything, as plain values; `result` must itself be plain (the search keeps a genotype dict and row)."""
+        return {"collapsed_run": self.collapsed_run, "stable_run": self.stable_run,
+                "last_ranking": _lists(self.last_ranking), "result": self.result, "result_epoch": self.result_epoch,
+                "result_skips": self.result_skips, "reason": self.reason, "stopped": self.stopped}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore `state_dict()`; ValueError (or TypeError) on a value of the wrong kind."""
+        counters = [state.get(k, 0) for k in ("collapsed_run", "stable_run")]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counters):
+            raise ValueError(f"counters {counters} are not non-negative integers")
+        result = state.get("result")
+        if result is not None and not (isinstance(result, dict) and isinstance(result.get("genotype"), dict)
+                                       and isinstance(result.get("row"), dict)):
+            raise ValueError("the kept result is not a genotype and its row")
+        self.collapsed_run, self.stable_run = counters
+        self.last_ranking = _tuples(state.get("last_ranking"))
+        self.result, self.result_epoch = result, state.get("result_epoch")
+        self.result_skips, self.reason = state.get("result_skips"), state.get("reason")
+        self.stopped = bool(state.get("stopped", False))
+
+
+def _lists(x):
+    return [_lists(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -10,8 +10,8 @@ from collections import namedtuple
 from typing import Any, Dict, List, Optional, Sequence
 
 from operations import OPS
-from cliargs import check
-from utils import CLIError, atomic_write_text
+from plumbing.cliargs import check
+from plumbing.utils import CLIError, atomic_write_text
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
@@ -165,7 +165,7 @@ def save(genotype: Genotype, path: str, primitives: Optional[Sequence[str]] = No
 
 def read_json(path: str) -> Any:
     """The JSON in a genotype file (bounded: `jsonfile`), unvalidated; GenotypeError with a one-line reason."""
-    import jsonfile
+    from plumbing import jsonfile
     try:
         return jsonfile.read(path, "genotype file")
     except jsonfile.JSONFileError as e:
@@ -192,7 +192,7 @@ META_BOUNDS = {"eval_channels": "size", "eval_layers": "size", "energy_batch_siz
 def load_with_meta(path: str):
     """(Genotype, meta) of a genotype file, `meta` holding `primitives` too; every field the project reads is
     type-checked, and a bad file is one GenotypeError naming the file and the field."""
-    import jsonfile
+    from plumbing import jsonfile
     where = f"genotype file {path}"
     data = read_json(path)
     try:

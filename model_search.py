@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 import functools
 
-from derivation import derivable, derive, derive_genotype, guard_derivation  # noqa: F401 (re-exported)
+from derivation import derivable, derive_genotype
 from genotypes import Genotype
-from layout import BatchNorm2d, LayoutMixin, like
+from plumbing.layout import BatchNorm2d, LayoutMixin, like
 from operations import POOLS, FactorizedReduce, ReLUConvBN, attach_estimator, build_op, energy_version
 
 
@@ -60,10 +60,6 @@ class MixedOp(nn.Module):
     def _active(self):
         """(index, op, BN after it or None) of every op that runs, in primitive order."""
         return [(i, self._ops[i], self._post[str(i)] if str(i) in self._post else None) for i in self.active]
-
-    def derivable_ops(self):
-        """The ops derivation may choose (every op but `none`), in primitive order."""
-        return [self._ops[i] for i in self.derivable]
 
     def op_energies(self) -> torch.Tensor:
         """Cached energies (J per sample) of the derivable ops, as a float64 tensor (rebuilt when they change)."""

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cliargs import CLIError
-from layout import BatchNorm2d
+from plumbing.cliargs import CLIError
+from plumbing.layout import BatchNorm2d
 
 # Bumped whenever any op's cached energy changes: a supernet rebuilds its device-side energy table only then
 # (one int compared per forward instead of every op's energy).

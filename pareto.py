@@ -21,14 +21,14 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-import jsonfile
-import launchers
-import options
-import runs
+from plumbing import jsonfile
+from plumbing import launchers
+from plumbing import options
+from plumbing import runs
 import spaces
-import utils
-from cliargs import CLIError, check, fail, positive_int
-from tracker import Tracker, wandb_mode
+from plumbing import utils
+from plumbing.cliargs import CLIError, check, fail, positive_int
+from plumbing.tracker import Tracker, wandb_mode
 
 COLUMNS = ["energy_weight", "seed", "genotype_energy_mj", "params", "macs", "valid_acc", "test_acc", "run"]
 
@@ -136,7 +136,7 @@ def collect(run_dir: str, estimator) -> Dict[str, Any]:
 
 
 def write_outputs(rows: List[Dict[str, Any]], out_dir: str, tracker: Tracker) -> Dict[str, str]:
-    from plots import pareto_plot
+    from plumbing.plots import pareto_plot
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
@@ -189,7 +189,7 @@ def check_benchmark(args: argparse.Namespace):
         if args.x or args.y:
             raise CLIError("--x / --y name columns of a --benchmark table: give one")
         return None
-    import benchmark
+    from nb201 import benchmark
     if args.space != "nb201":
         raise CLIError("--benchmark looks up NB201 arch strings: it needs --space nb201")
     if bool(args.x) != bool(args.y):
@@ -203,7 +203,7 @@ def check_benchmark(args: argparse.Namespace):
 def benchmark_figure(args: argparse.Namespace, table, rows: List[Dict[str, Any]], sweep_dir: str, tracker,
                      log) -> str:
     """The sweep's cells on the benchmark's --x / --y columns over the table's cloud and front (benchmark.png)."""
-    import benchmark
+    from nb201 import benchmark
     cells = [(f"w={r['energy_weight']:g} s={r['seed']}", r["arch"]) for r in rows]
     path, missing = benchmark.plot_sweep(table, cells, args.x, args.y, os.path.join(sweep_dir, "benchmark.png"),
                                          benchmark.default_better(args.x), benchmark.default_better(args.y),

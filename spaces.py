@@ -3,8 +3,8 @@ derivation (guards, budget projection), genotype format and files, the network `
 its price and its diagram. The scripts call these and never ask which space they run.
 
 - `darts`: DARTS's cells (normal and reduction, 14 edges, two inputs per node); model_search.py, model.py,
-  genotypes.py, derivation.py, derived_energy.py.
-- `nb201`: NAS-Bench-201's cell (4 nodes, 6 edges, one op per edge); nb201.py, nb201_energy.py.
+  genotypes.py, derivation.py, model.py.
+- `nb201`: NAS-Bench-201's cell (4 nodes, 6 edges, one op per edge); the nb201/ package.
 
 `energy_network` is the seam the energy estimator's CLI uses (by name, lazily) to build the network of a genotype
 someone else measured.
@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from cliargs import CLIError
+from plumbing.cliargs import CLIError
 
 SPACE_NAMES = ("darts", "nb201")
 
@@ -45,7 +45,7 @@ class DartsSpace:
                        estimator, partial_channels=args.partial_channels)
 
     def costs(self, args, info, estimator):
-        from derived_energy import CellCosts
+        from model import CellCosts
         return CellCosts(args.primitives, info, args.eval_channels, args.eval_layers, estimator)
 
     def project(self, genotype, model, args, costs, actions: List[str]):
@@ -61,7 +61,7 @@ class DartsSpace:
         return genotype
 
     def energy_mj(self, genotype, info, channels: int, layers: int, estimator) -> float:
-        from derived_energy import genotype_energy_mj
+        from model import genotype_energy_mj
         return genotype_energy_mj(genotype, info, channels, layers, estimator)
 
     def network(self, genotype, channels: int, info, layers: int, auxiliary: bool = False,
@@ -94,8 +94,10 @@ class DartsSpace:
 
     def render(self, genotype, out_dir: str, info, channels: int, layers: int, estimator, backend: str = "auto",
                name: str = "") -> List[str]:
-        import cell_diagrams
-        return cell_diagrams.render(genotype, out_dir, info, channels, layers, estimator, backend, name)
+        from model import op_energies
+        from plumbing import cell_diagrams
+        energies = op_energies(genotype, info, channels, layers, estimator)[0]
+        return cell_diagrams.render(genotype, energies, out_dir, channels, layers, backend, name)
 
     def edge_labels(self) -> Optional[List[str]]:
         return None  # plots.py's default: DARTS's edges
@@ -112,7 +114,7 @@ class NB201Space:
     guarded_ops = 6
 
     def parse_primitives(self, spec: str) -> List[str]:
-        import nb201
+        from nb201 import space as nb201
         if spec == "nb201":
             return list(nb201.PRIMITIVES)
         return nb201.check_primitives([s.strip() for s in spec.split(",") if s.strip()])
@@ -123,73 +125,73 @@ class NB201Space:
                            f"{args.init_channels}")
 
     def supernet(self, args, info, estimator) -> nn.Module:
-        import nb201
+        from nb201 import space as nb201
         return nb201.Supernet(args.init_channels, info.num_classes, args.layers, args.primitives, info.in_channels,
                               estimator, partial_channels=args.partial_channels)
 
     def costs(self, args, info, estimator):
-        import nb201_energy
+        from nb201 import pricing as nb201_energy
         return nb201_energy.CellCosts(args.primitives, info, estimator, args.eval_channels, args.eval_layers)
 
     def project(self, genotype, model, args, costs, actions: List[str]):
-        import nb201
-        import nb201_energy
+        from nb201 import space as nb201
+        from nb201 import pricing as nb201_energy
         return nb201.format_arch(nb201_energy.project_to_budget(
             genotype, model.derivation_weights()["cell"], args.primitives, costs, args.energy_budget, args.max_skip,
             args.min_parametric, actions))
 
     def guarded_cell(self, genotype) -> List[Tuple[str, int]]:
-        import nb201
+        from nb201 import space as nb201
         return nb201.pairs(genotype)
 
     def collapse_view(self, genotype):
-        import nb201
+        from nb201 import space as nb201
         return nb201.collapse_view(genotype)
 
     def energy_mj(self, genotype, info, channels: int, layers: int, estimator) -> float:
-        import nb201_energy
+        from nb201 import pricing as nb201_energy
         return nb201_energy.network_energy_mj(genotype, info, estimator, channels, layers)
 
     def network(self, genotype, channels: int, info, layers: int, auxiliary: bool = False,
                 imagenet: bool = False) -> nn.Module:
-        import nb201
+        from nb201 import space as nb201
         if auxiliary or imagenet:
             raise CLIError("--space nb201 trains NB201's own skeleton: no --auxiliary, no --dataset imagenet")
         return nb201.NB201Network(genotype, channels, layers, info.num_classes, info.in_channels)
 
     def to_dict(self, genotype, primitives=None, meta=None) -> Dict[str, Any]:
-        import nb201
+        from nb201 import space as nb201
         return nb201.to_dict(genotype, primitives, meta)
 
     def from_dict(self, data: Any, where: str = "genotype"):
-        import nb201
+        from nb201 import space as nb201
         return nb201.from_dict(data, where)
 
     def save(self, genotype, path: str, primitives, meta: Dict[str, Any]) -> None:
-        import nb201
+        from nb201 import space as nb201
         nb201.save(genotype, path, primitives, meta)
 
     def load(self, path: str):
-        import nb201
+        from nb201 import space as nb201
         return nb201.load(path)
 
     def resolve(self, genotype: Optional[str], arch: Optional[str]):
-        import nb201
+        from nb201 import space as nb201
         if arch:
             raise CLIError("--space nb201 takes the cell as --genotype ARCH_STRING or a genotype.json, not --arch")
         return nb201.resolve(genotype)
 
     def render(self, genotype, out_dir: str, info, channels: int, layers: int, estimator, backend: str = "auto",
                name: str = "") -> List[str]:
-        import nb201_energy
+        from nb201 import pricing as nb201_energy
         return nb201_energy.render(genotype, out_dir, info, estimator, channels, layers, backend, name)
 
     def edge_labels(self) -> Optional[List[str]]:
-        import nb201
+        from nb201 import space as nb201
         return [nb201.edge_name(e) for e in range(len(nb201.EDGES))]
 
     def describe(self, genotype) -> str:
-        import nb201
+        from nb201 import space as nb201
         return nb201.format_arch(genotype)
 
 
@@ -211,7 +213,7 @@ def space_of_genotype(spec: Optional[str]) -> Optional[str]:
     if spec.strip().startswith("|"):
         return "nb201"
     if os.path.isfile(spec):
-        import jsonfile
+        from plumbing import jsonfile
         try:
             data = jsonfile.read(spec, "genotype file")
         except CLIError:
@@ -233,7 +235,7 @@ def energy_network(space: str, genotype: Any, input_shape: Sequence[int], num_cl
     in_channels, size = shape[0], shape[1]
     if space == "darts":
         import genotypes as G
-        import options
+        from plumbing import options
         from model import build_network
         if isinstance(genotype, str):
             g, meta = G.named_genotype(genotype), {}
@@ -245,7 +247,7 @@ def energy_network(space: str, genotype: Any, input_shape: Sequence[int], num_cl
         L = layers or _int(meta.get("eval_layers"), table["layers"])
         return build_network(g, C, num_classes, L, False, in_channels, size).eval()
     if space == "nb201":
-        import nb201
+        from nb201 import space as nb201
         return nb201.energy_network(genotype, in_channels, num_classes, channels, layers).eval()
     raise CLIError(f"unknown search space {space!r}; valid: {', '.join(SPACE_NAMES)}")
 

@@ -14,26 +14,27 @@ import dataclasses
 import math
 import os
 import sys
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-import distributed
+from plumbing import distributed
 import genotypes as G
-import options
-import runs
+from plumbing import options
+from plumbing import runs
 import spaces
-import utils
-from cliargs import CLIError, explicit_flags
-from datasets import DataInfo, eval_loaders, load_dataset
-from layout import want_channels_last
+from plumbing import utils
+from plumbing.cliargs import CLIError, explicit_flags
+from plumbing.datasets import DataInfo, eval_loaders, load_dataset
+from plumbing.layout import want_channels_last
 from model import network_report
-from runner import EpochRunner, launch
+from plumbing.run import Run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return options.train_parser()
+    return options.train_parser(G.NAMED_GENOTYPES)
 
 
 def resolve(args: argparse.Namespace) -> None:
@@ -60,7 +61,7 @@ def load_genotype(args: argparse.Namespace):
 
 def dataset_info(args: argparse.Namespace) -> DataInfo:
     """The data set's shape without loading it when possible (reports need no data)."""
-    from datasets import known_info
+    from plumbing.datasets import known_info
     info = known_info(args.dataset, args.image_size)
     if info is None:
         _, info = load_dataset(args.dataset, args.data, train=False, image_size=args.image_size)
@@ -136,113 +137,122 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-class Trainer(EpochRunner):
-    """One training run: the genotype's network, SGD with a cosine (or exponential) schedule, train/valid/test
-    loaders; the epochs, checkpoints and resume are the runner's."""
+def build(run: Run, ckpt: Optional[Dict[str, Any]]) -> SimpleNamespace:
+    """The training's parts: the genotype (the checkpoint's on resume), data, network, optimizer, schedule."""
+    a, device = run.args, run.device
+    space = spaces.get(a.space)
+    genotype = space.from_dict(runs.field(ckpt, "genotype", dict), "--resume checkpoint") if ckpt else load_genotype(a)
+    size = a.image_size
+    train_data, info = load_dataset(a.dataset, a.data, train=True, cutout=a.cutout_length if a.cutout else 0,
+                                    image_size=size)
+    test_data, _ = load_dataset(a.dataset, a.data, train=False, image_size=size)
+    plain_train = load_dataset(a.dataset, a.data, train=True, augment=False, image_size=size)[0] \
+        if a.valid_portion else None
+    train_queue, valid_queue, test_queue = eval_loaders(train_data, plain_train, test_data, a, device)
+    model = make_model(genotype, a, info).to(device).set_channels_last(want_channels_last(a.channels_last, device,
+                                                                                          a.amp))
+    if a.compile:
+        utils.compile_cells(model)
+    report = network_report(make_model(genotype, a, info).eval(), run.estimator, info)
+    optimizer = torch.optim.SGD(model.parameters(), a.learning_rate, momentum=a.momentum,
+                                weight_decay=a.weight_decay, nesterov=a.nesterov)
+    if a.lr_schedule == "exponential":  # DARTS's ImageNet protocol: x0.97 per epoch
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=a.gamma)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, a.epochs)
+    return SimpleNamespace(space=space, genotype=genotype, info=info, train_queue=train_queue,
+                           valid_queue=valid_queue, test_queue=test_queue, model=model, report=report,
+                           criterion=nn.CrossEntropyLoss(label_smoothing=a.label_smoothing), optimizer=optimizer,
+                           scheduler=scheduler)
 
-    script = "train"
-    final_file = "summary.json"
 
-    def build(self) -> None:
-        args = self.args
-        self.space = spaces.get(args.space)
-        self.genotype = self.space.from_dict(runs.field(self.ckpt, "genotype", dict), "--resume checkpoint") \
-            if self.ckpt else load_genotype(args)
-        cutout = args.cutout_length if args.cutout else 0
-        size = args.image_size
-        train_data, self.info = load_dataset(args.dataset, args.data, train=True, cutout=cutout, image_size=size)
-        test_data, _ = load_dataset(args.dataset, args.data, train=False, image_size=size)
-        plain_train = load_dataset(args.dataset, args.data, train=True, augment=False, image_size=size)[0] \
-            if args.valid_portion else None
-        self.train_queue, self.valid_queue, self.test_queue = eval_loaders(train_data, plain_train, test_data,
-                                                                           args, self.device)
-        self.model = make_model(self.genotype, args, self.info).to(self.device).set_channels_last(
-            want_channels_last(args.channels_last, self.device, args.amp))
-        if args.compile:
-            utils.compile_cells(self.model)
-        self.report = network_report(make_model(self.genotype, args, self.info).eval(), self.estimator, self.info)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), args.learning_rate, momentum=args.momentum,
-                                         weight_decay=args.weight_decay, nesterov=args.nesterov)
-        if args.lr_schedule == "exponential":  # DARTS's ImageNet protocol: x0.97 per epoch
-            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 1, gamma=args.gamma)
-        else:
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, args.epochs)
+def train_step(s: SimpleNamespace, a: argparse.Namespace, run: Run, ddp, x, y):
+    """One SGD step of the network (with its auxiliary head's loss); returns (logits, loss)."""
+    s.optimizer.zero_grad(set_to_none=True)
+    with run.autocast():  # --amp: this forward and its loss only (backward and step outside it)
+        logits, logits_aux = (ddp or s.model)(x)  # DDP averages the gradients across ranks (torchrun)
+        loss = s.criterion(logits, y)
+        if logits_aux is not None:
+            loss = loss + a.auxiliary_weight * s.criterion(logits_aux, y)
+    run.check(loss, "training loss")
+    loss.backward()
+    clip = a.grad_clip or math.inf  # NB201's protocol does not clip: the norm is still checked
+    run.check(nn.utils.clip_grad_norm_(s.model.parameters(), clip), "gradient")
+    s.optimizer.step()
+    return logits, loss
 
-    def after_setup(self) -> None:
-        self.log.info(f"genotype = {self.space.describe(self.genotype)}\n{self.report.text()}")
-        if distributed.enabled() and self.ckpt is None:  # same initial weights, then per-rank augmentation/drop path
-            utils.set_seed(self.args.seed + distributed.rank())
 
-    def extra_state(self) -> Dict[str, Any]:
-        return {"genotype": self.space.to_dict(self.genotype)}
+def train(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: set) -> int:
+    """DARTS's evaluation protocol: the genotype's network trained from scratch, tested after every epoch."""
+    run = Run(parser, args, explicit, "train", final_file="summary.json")  # --resume: the checkpoint's flags
+    resolve(run.args)
+    if run.args.report:
+        return report(run.args)
+    if run.finished():
+        return 0
+    with run:
+        a = run.args
+        s = build(run, run.ckpt)
+        run.restore(s.model, s.optimizer, s.scheduler)
+        ddp = distributed.wrap(s.model, run.device)  # None without torchrun
+        run.log.info(f"genotype = {s.space.describe(s.genotype)}\n{s.report.text()}")
+        if distributed.enabled() and run.ckpt is None:  # same initial weights, then per-rank augmentation/drop path
+            utils.set_seed(a.seed + distributed.rank())
+        run.start()
+        for epoch in run.epochs():
+            row: Dict[str, Any] = {"epoch": epoch + 1, "lr": s.optimizer.param_groups[0]["lr"]}
+            s.model.drop_path_prob = a.drop_path_prob * epoch / a.epochs
+            for x, y in run.batches(s.train_queue, epoch):
+                logits, loss = train_step(s, a, run, ddp, x, y)
+                run.record(logits, loss, y)
+            row.update(run.end_training(list(s.model.parameters())))
+            for queue, prefix in ((s.valid_queue, "valid"), (s.test_queue, "test")):
+                if queue is not None:
+                    row.update(run.evaluate(s.model, queue, prefix, s.info.num_classes)[0])
+            s.scheduler.step()
+            run.end_epoch(row, {"genotype": s.space.to_dict(s.genotype)}, lambda: write_weights(s, run, row),
+                          lambda: epoch_line(a, row))
+        finish(s, a, run)
+    return run.status
 
-    def before_epoch(self, epoch: int) -> Dict[str, Any]:
-        self.model.drop_path_prob = self.args.drop_path_prob * epoch / self.args.epochs
-        return {}
 
-    def train_step(self, x, y, epoch: int, lr: float, check):
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():  # --amp: this forward and its loss only (backward and step outside it)
-            logits, logits_aux = (self.ddp or self.model)(x)  # DDP averages the gradients across ranks (torchrun)
-            loss = self.criterion(logits, y)
-            if logits_aux is not None:
-                loss = loss + self.args.auxiliary_weight * self.criterion(logits_aux, y)
-        check(loss, "training loss")
-        loss.backward()
-        clip = self.args.grad_clip or math.inf  # NB201's protocol does not clip: the norm is still checked
-        check(nn.utils.clip_grad_norm_(self.model.parameters(), clip), "gradient")
-        self.optimizer.step()
-        return logits, loss
+def write_weights(s: SimpleNamespace, run: Run, row: Dict[str, Any]) -> Dict[str, Any]:
+    """weights.pt, and best_weights.pt when the validation accuracy is the best so far (--valid_portion)."""
+    weights = {"model": s.model.state_dict(), "genotype": s.space.to_dict(s.genotype)}
+    utils.atomic_torch_save(weights, os.path.join(run.dir, "weights.pt"))
+    if s.valid_queue is not None and row["valid_acc"] > run.best_valid_acc:
+        run.best_valid_acc = row["valid_acc"]
+        utils.atomic_torch_save({**weights, "epoch": row["epoch"], "valid_acc": row["valid_acc"]},
+                                os.path.join(run.dir, "best_weights.pt"))
+    return {}
 
-    def evaluate(self) -> Dict[str, float]:
-        row: Dict[str, float] = {}
-        for queue, prefix in ((self.valid_queue, "valid"), (self.test_queue, "test")):
-            if queue is not None:
-                row.update(self.evaluate_queue(queue, prefix)[0])
-        return row
 
-    def write_epoch(self, row: Dict[str, Any]) -> Dict[str, Any]:
-        weights = {"model": self.model.state_dict(), "genotype": self.space.to_dict(self.genotype)}
-        utils.atomic_torch_save(weights, os.path.join(self.run_dir, "weights.pt"))
-        if self.valid_queue is not None and row["valid_acc"] > self.best_valid_acc:
-            self.best_valid_acc = row["valid_acc"]
-            utils.atomic_torch_save({**weights, "epoch": row["epoch"], "valid_acc": row["valid_acc"]},
-                                    os.path.join(self.run_dir, "best_weights.pt"))
-        return {}
+def epoch_line(a: argparse.Namespace, row: Dict[str, Any]) -> str:
+    return (f"epoch {row['epoch']}/{a.epochs} lr {row['lr']:.4g} train_acc {row['train_acc']:.2f} "
+            + (f"valid_acc {row['valid_acc']:.2f} " if "valid_acc" in row else "")
+            + f"test_acc {row['test_acc']:.2f} ({row['epoch_s']:.1f} s)")
 
-    def epoch_line(self, row: Dict[str, Any]) -> str:
-        return (f"epoch {row['epoch']}/{self.args.epochs} lr {row['lr']:.4g} train_acc {row['train_acc']:.2f} "
-                + (f"valid_acc {row['valid_acc']:.2f} " if "valid_acc" in row else "")
-                + f"test_acc {row['test_acc']:.2f} ({row['epoch_s']:.1f} s)")
 
-    def finish(self, tracker) -> None:
-        args, rep = self.args, self.report
-        last = distributed.from_main(lambda: runs.last_row(self.run_dir))  # torchrun: rank 0's file, sent to all
-        summary = {"params": rep.params, "macs": rep.macs, "energy_mj": rep.energy_mj,
-                   "test_acc": last.get("test_acc"), "seed": args.seed, "wall_s": self.wall_s,
-                   "epochs": args.epochs, "genotype": self.space.to_dict(self.genotype),
-                   "best_valid_acc": self.best_valid_acc if args.valid_portion else None}
-        if distributed.is_main():
-            utils.atomic_write_json(os.path.join(self.run_dir, "summary.json"), summary)
-        tracker.summary({k: v for k, v in summary.items() if k != "genotype"})
-        self.log.info(f"final test_acc {summary['test_acc']:.2f} %, params {rep.params:,}, energy "
-                      f"{rep.energy_mj:.4f} mJ per image, {self.wall_s:.1f} s")
+def finish(s: SimpleNamespace, a: argparse.Namespace, run: Run) -> None:
+    """summary.json (the FINAL epoch's test accuracy), wandb's summary, the log's last line."""
+    rep = s.report
+    last = distributed.from_main(lambda: runs.last_row(run.dir))  # torchrun: rank 0's file, sent to all
+    summary = {"params": rep.params, "macs": rep.macs, "energy_mj": rep.energy_mj,
+               "test_acc": last.get("test_acc"), "seed": a.seed, "wall_s": run.wall_s,
+               "epochs": a.epochs, "genotype": s.space.to_dict(s.genotype),
+               "best_valid_acc": run.best_valid_acc if a.valid_portion else None}
+    if distributed.is_main():
+        utils.atomic_write_json(os.path.join(run.dir, "summary.json"), summary)
+    run.tracker.summary({k: v for k, v in summary.items() if k != "genotype"})
+    run.log.info(f"final test_acc {summary['test_acc']:.2f} %, params {rep.params:,}, energy "
+                 f"{rep.energy_mj:.4f} mJ per image, {run.wall_s:.1f} s")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    return runs.guarded_main(parser, lambda a, e: run(parser, a, e), args, explicit_flags(argv))
-
-
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: set) -> int:
-    ckpt, args = runs.restored_args(parser, args, explicit, Trainer.script)
-    resolve(args)
-    if args.report:
-        return report(args)
-    return launch(Trainer, args, explicit, ckpt)
+    return runs.guarded_main(parser, lambda a, e: train(parser, a, e), args, explicit_flags(argv))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import tempfile
 from typing import Callable, List, Optional
 
 import genotypes as G
-import options
+from plumbing import options
 import spaces
-import utils
-from cliargs import CLIError, energy_batch_int, fail, size_int
+from plumbing import utils
+from plumbing.cliargs import CLIError, energy_batch_int, fail, size_int
 
 
 def render_into(out: str, force: bool, render: Callable[[str], List[str]]) -> List[str]:

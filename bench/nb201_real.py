@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import nb201  # noqa: E402
+from nb201 import space as nb201  # noqa: E402
 import spaces  # noqa: E402
 from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from dl_energy_estimator.schema import write_atomic  # noqa: E402

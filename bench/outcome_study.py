@@ -35,9 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import jsonfile  # noqa: E402
+from plumbing import jsonfile  # noqa: E402
 import pareto  # noqa: E402
-import utils  # noqa: E402
+from plumbing import utils  # noqa: E402
 
 LATENCIES = os.path.join(ROOT, "..", "shared", "measurements", "nb201_latency_ms.csv")
 DATA = ["--dataset", "fashion_mnist", "--image_size", "14", "--threads", "1", "--wandb", "disabled"]
@@ -145,7 +145,7 @@ def table(rows: List[Dict[str, Any]]) -> str:
 
 def plot(rows: List[Dict[str, Any]], path: str) -> str:
     """Test accuracy vs estimated energy, one panel per space: runs as dots, mean ± sd per configuration."""
-    from plots import _plt
+    from plumbing.plots import _plt
     plt = _plt()
     spaces = [s for s in SPACES if any(r["space"] == s and r["test_acc"] is not None for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(spaces)), figsize=(6.5 * max(1, len(spaces)), 4.8), squeeze=False)

@@ -22,13 +22,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from architect import Architect  # noqa: E402
-from datasets import known_info  # noqa: E402
+from plumbing.datasets import known_info  # noqa: E402
 from dl_energy_estimator import EnergyEstimator  # noqa: E402
 from genotypes import PRIMITIVES  # noqa: E402
 from model_search import Network  # noqa: E402
-from layout import want_channels_last  # noqa: E402
+from plumbing.layout import want_channels_last  # noqa: E402
 from timing import count_step, interleaved_medians, memory_in_child, peak_memory_mb as peak_memory_mb_here  # noqa: E402
-from utils import atomic_write_json, compile_cells  # noqa: E402
+from plumbing.utils import atomic_write_json, compile_cells  # noqa: E402
 from train_search import weight_step  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import utils  # noqa: E402
+from plumbing import utils  # noqa: E402
 from search_step import CONFIGS, Runner  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 

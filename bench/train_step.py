@@ -20,10 +20,10 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import genotypes as G  # noqa: E402
-from datasets import known_info  # noqa: E402
+from plumbing.datasets import known_info  # noqa: E402
 from model import build_network  # noqa: E402
 from timing import interleaved_medians, memory_in_child, peak_memory_mb  # noqa: E402
-from utils import atomic_write_json  # noqa: E402
+from plumbing.utils import atomic_write_json  # noqa: E402
 
 CONFIGS: List[Dict[str, Any]] = [
     {"name": "fp32", "channels_last": False, "amp": False},

@@ -10,7 +10,7 @@ import pytest
 
 import train
 import train_search
-import runs
+from plumbing import runs
 from conftest import ROOT, run_script
 
 SEARCH_TINY = ["--dataset", "digits", "--layers", "3", "--epochs", "1", "--wandb", "disabled"]

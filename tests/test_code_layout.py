@@ -1,16 +1,25 @@
-"""The code base stays easy to take over: imports flow one way (no circle, lazy imports included), and the search
-script keeps its algorithm short (under 300 lines, no function over 40)."""
+"""The code base stays easy to take over: few top-level files (the scripts and the algorithm), imports that flow one
+way (scripts -> algorithm and spaces -> plumbing and the estimator; no circle, lazy imports included), an estimator
+that imports nothing of the project, loops visible in their scripts, and short functions."""
 import ast
 import os
 
 from conftest import ROOT
 
+PACKAGES = ("plumbing", "nb201", "dl_energy_estimator")
+SCRIPTS = ("train_search", "train", "pareto", "visualize", "energy")
+MAX_TOP_LEVEL = 12
+MAX_FUNCTION_LINES = 60
+
 
 def project_modules():
-    """name -> path of every module of the project (top-level files and the estimator package)."""
+    """name -> path of every module of the project (top-level files and its packages)."""
     mods = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
-    pkg = os.path.join(ROOT, "dl_energy_estimator")
-    mods.update({f"dl_energy_estimator.{f[:-3]}": os.path.join(pkg, f) for f in os.listdir(pkg) if f.endswith(".py")})
+    for pkg in PACKAGES:
+        folder = os.path.join(ROOT, pkg)
+        mods[pkg] = os.path.join(folder, "__init__.py")
+        mods.update({f"{pkg}.{f[:-3]}": os.path.join(folder, f) for f in os.listdir(folder)
+                     if f.endswith(".py") and f != "__init__.py"})
     return mods
 
 
@@ -18,7 +27,7 @@ def imports_of(name, path, mods):
     """Project modules `name` imports anywhere in its file (top level or inside functions)."""
     tree = ast.parse(open(path, encoding="utf-8").read())
     out = set()
-    package = name.rsplit(".", 1)[0] if "." in name else ""
+    package = name if path.endswith("__init__.py") else (name.rsplit(".", 1)[0] if "." in name else "")
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name in mods)
@@ -32,13 +41,18 @@ def imports_of(name, path, mods):
     return {m for m in out if m in mods and m != name}
 
 
-def find_cycle(graph):
+def graph():
+    mods = project_modules()
+    return {n: imports_of(n, p, mods) for n, p in mods.items()}
+
+
+def find_cycle(g):
     state, stack = {}, []
 
     def visit(n):
         state[n] = 1
         stack.append(n)
-        for m in sorted(graph[n]):
+        for m in sorted(g[n]):
             if state.get(m) == 1:
                 return stack[stack.index(m):] + [m]
             if m not in state:
@@ -49,7 +63,7 @@ def find_cycle(graph):
         state[n] = 2
         return None
 
-    for n in sorted(graph):
+    for n in sorted(g):
         if n not in state:
             found = visit(n)
             if found:
@@ -57,25 +71,63 @@ def find_cycle(graph):
     return None
 
 
+def layer(name):
+    """0: the estimator; 1: plumbing; 2: the algorithm and the spaces (top-level modules, nb201); 3: scripts."""
+    top = name.split(".")[0]
+    if top == "dl_energy_estimator":
+        return 0
+    if top == "plumbing":
+        return 1
+    return 3 if top in SCRIPTS else 2
+
+
 def test_no_import_circle():
-    mods = project_modules()
-    graph = {n: imports_of(n, p, mods) for n, p in mods.items()}
-    assert "runs" in graph["runner"] and "utils" in graph["runs"]  # the reader sees real edges
-    cycle = find_cycle(graph)
+    g = graph()
+    assert "plumbing.runs" in g["plumbing.run"] and "model" in g["nb201.pricing"]  # the reader sees real edges
+    cycle = find_cycle(g)
     assert cycle is None, " -> ".join(cycle)
 
 
+def test_imports_flow_one_way():
+    """Scripts -> algorithm and spaces -> plumbing -> nothing of the project but the estimator; never upward."""
+    g = graph()
+    upward = [f"{n} imports {m}" for n, deps in g.items() for m in deps if layer(m) > layer(n)]
+    assert not upward, upward
+    scripts = [f"{n} imports {m}" for n, deps in g.items() for m in deps if m in SCRIPTS]
+    assert not scripts, scripts  # a script is never a library of another
+
+
 def test_the_estimator_imports_nothing_from_the_project():
-    mods = project_modules()
-    for name, path in mods.items():
+    for name, deps in graph().items():
         if name.startswith("dl_energy_estimator"):
-            assert all(m.startswith("dl_energy_estimator") for m in imports_of(name, path, mods)), name
+            assert all(m.startswith("dl_energy_estimator") for m in deps), name
 
 
-def test_the_search_script_stays_short():
-    path = os.path.join(ROOT, "train_search.py")
-    source = open(path, encoding="utf-8").read()
-    assert len(source.splitlines()) < 300
-    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(source))
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 40]
+def test_few_top_level_files():
+    top = sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
+    assert len(top) <= MAX_TOP_LEVEL, top
+    asked = {"operations.py", "model_search.py", "model.py", "architect.py", "genotypes.py", "train_search.py",
+             "train.py"}
+    assert asked <= set(top), asked - set(top)  # the files users asked for by name stay at the top
+
+
+def test_functions_stay_short():
+    long = []
+    for name, path in project_modules().items():
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        long += [f"{name}.{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, long
+
+
+def test_each_script_shows_its_loop():
+    """The epochs and the batches are iterated in the script itself (not in a framework that calls it back)."""
+    for script in ("train_search.py", "train.py"):
+        tree = ast.parse(open(os.path.join(ROOT, script), encoding="utf-8").read())
+        loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
+        names = {ast.unparse(n.target) for n in loops}
+        assert "epoch" in names, (script, names)
+        inner = [m for n in loops if ast.unparse(n.target) == "epoch" for m in ast.walk(n)
+                 if isinstance(m, ast.For) and m is not n]
+        assert inner, f"{script}: no loop over batches inside the epoch loop"

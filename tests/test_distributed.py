@@ -35,7 +35,7 @@ def _init(rank: int, store_path: str) -> None:
 
 
 def _checksum_worker(rank: int, store_path: str, out_dir: str) -> None:
-    import distributed
+    from plumbing import distributed
     _init(rank, store_path)
     distributed.check_same([torch.ones(3)], "same")  # equal: no error
     try:
@@ -74,7 +74,8 @@ def _one_search_step(net, opt, Architect, batch, hook=None, ddp=None, unrolled=F
     x, y, xv, yv = batch
     if unrolled:  # a first weight step: the unrolled step then also reads a momentum buffer
         weight_step(net, net.weight_parameters(), opt, x, y, 5.0, ddp=ddp)
-    arch = Architect(net, 3e-3, 1e-3, 0.9, 3e-4, 0.9, 0.05, unrolled=unrolled, grad_hook=hook)
+    arch = Architect(net, arch_learning_rate=3e-3, arch_weight_decay=1e-3, momentum=0.9, weight_decay=3e-4,
+                     task_weight=0.9, energy_weight=0.05, unrolled=unrolled, grad_hook=hook)
     arch.step(x, y, xv, yv, 0.1, opt)
     state = {f"grad.{k}": p.grad.detach().clone() for k, p in zip(("normal", "reduce"), net.arch_parameters())}
     weight_step(net, net.weight_parameters(), opt, x, y, 5.0, ddp=ddp)
@@ -82,7 +83,7 @@ def _one_search_step(net, opt, Architect, batch, hook=None, ddp=None, unrolled=F
 
 
 def _ddp_worker(rank: int, store_path: str, out_dir: str, unrolled: bool = False) -> None:
-    import distributed
+    from plumbing import distributed
     torch.set_num_threads(1)
     _init(rank, store_path)
     net, opt, Architect, batch = _supernet_and_batches()

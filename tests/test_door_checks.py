@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-import benchmark
+from nb201 import benchmark
 import genotypes as G
 import pareto
-import runs
+from plumbing import runs
 import train
 import train_search
-import utils
+from plumbing import utils
 import visualize
 from test_run_safety import TINY_TRAIN, exits_2, snapshot
 

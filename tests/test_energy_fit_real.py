@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import nb201_real as R  # noqa: E402
-import nb201  # noqa: E402
+from nb201 import space as nb201  # noqa: E402
 from dl_energy_estimator import EnergyEstimator, priors  # noqa: E402
 from dl_energy_estimator.fitting import spearman  # noqa: E402
 from estimator_fit import evaluate_real  # noqa: E402

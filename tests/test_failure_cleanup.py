@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-import runs
+from plumbing import runs
+from plumbing.run import Run
 import train
 from conftest import ROOT
 from test_run_safety import TINY_TRAIN, fill_disk_at, one_error_line
@@ -23,25 +24,23 @@ def argv(log, name="r", *extra):
 
 
 def kill_at(monkeypatch, epoch, step=0, times=1, sig=signal.SIGTERM, where="train_step"):
-    """Send `times` signals to this process at (epoch, step) of `Trainer.<where>` (0-based epoch)."""
-    real = getattr(train.Trainer, where)
+    """Send `times` signals to this process at (epoch, step) of `train.train_step`, or at the start of epoch
+    `epoch`'s evaluation (`Run.evaluate`) or files (`train.write_weights`) (0-based epoch)."""
+    owner = Run if where == "evaluate" else train
+    real = getattr(owner, where)
     seen = {"epoch": -1, "step": 0}
 
-    def hooked(self, *a, **k):
-        if where == "train_step":
-            e = a[2]
-            seen["step"] = seen["step"] + 1 if e == seen["epoch"] else 0
-            seen["epoch"] = e
-            hit = e == epoch and seen["step"] == step
-        else:
-            hit = self.start_epoch + seen.setdefault("calls", 0) == epoch
-            seen["calls"] += 1
-        if hit:
+    def hooked(*a, **k):
+        run = next(v for v in a if isinstance(v, Run))
+        e = run.epoch
+        seen["step"] = seen["step"] + 1 if e == seen["epoch"] else 0
+        seen["epoch"] = e
+        if e == epoch and seen["step"] == (step if where == "train_step" else 0):
             for _ in range(times):
                 os.kill(os.getpid(), sig)
                 time.sleep(0.01)  # each handler runs before the next signal is sent
-        return real(self, *a, **k)
-    monkeypatch.setattr(train.Trainer, where, hooked)
+        return real(*a, **k)
+    monkeypatch.setattr(owner, where, hooked)
 
 
 def run_main(args, capsys):
@@ -113,7 +112,7 @@ def test_a_signal_during_evaluation_or_the_epoch_files_keeps_the_last_checkpoint
     assert code == 128 + signal.SIGTERM and epochs_of(tmp_path / "e") == 1
     assert len(open(tmp_path / "e" / "metrics.jsonl").read().splitlines()) == 1
     monkeypatch.undo()
-    kill_at(monkeypatch, epoch=1, where="write_epoch")  # during epoch 2's files: its checkpoint is still written
+    kill_at(monkeypatch, epoch=1, where="write_weights")  # during epoch 2's files: its checkpoint is still written
     code, _ = run_main(argv(tmp_path, "w"), capsys)
     assert code == 128 + signal.SIGTERM and epochs_of(tmp_path / "w") == 2
 
@@ -173,14 +172,14 @@ def test_a_burst_of_sigterms_in_a_real_process_keeps_the_checkpoint(tmp_path):
 def test_a_signal_during_a_search_evaluation_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     import train_search
     from test_run_safety import TINY_SEARCH
-    real, calls = train_search.Search.evaluate_queue, []
+    real, calls = Run.evaluate, []
 
-    def evaluate_queue(self, *a, **k):
+    def evaluate(self, *a, **k):
         calls.append(1)
         if len(calls) == 2:  # epoch 2's evaluation: its first batch sees the stop
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *a, **k)
-    monkeypatch.setattr(train_search.Search, "evaluate_queue", evaluate_queue)
+    monkeypatch.setattr(Run, "evaluate", evaluate)
     code = train_search.main(TINY_SEARCH + ["--epochs", "2", "--log_dir", str(tmp_path), "--run_name", "s",
                                             "--train_portion", "0.2"])
     assert code == 128 + signal.SIGTERM

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-import datasets
+from plumbing import datasets
 from conftest import run_script
-from datasets import FASHION_MNIST_SYSTEM, DataError, load_dataset, subset, targets_of
+from plumbing.datasets import FASHION_MNIST_SYSTEM, DataError, load_dataset, subset, targets_of
 
 installed = pytest.mark.skipif(
     not all(os.path.isfile(os.path.join(FASHION_MNIST_SYSTEM, f"{s}.gz")) for s in datasets._IDX_STEMS),

@@ -12,7 +12,7 @@ from architect import Architect
 from dl_energy_estimator import EnergyEstimator
 from model_search import Network
 from train_search import weight_step
-import utils
+from plumbing import utils
 from conftest import ROOT
 
 PRIMS = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
@@ -45,8 +45,8 @@ def test_weight_step_equals_full_backward_step():
 def test_first_order_architect_step_equals_full_backward():
     fast, x, y = make()
     plain = copy.deepcopy(fast)
-    Architect(fast, 0.01).step(x, y, x, y, 0.1)
-    arch_p = Architect(plain, 0.01)
+    Architect(fast, arch_learning_rate=0.01).step(x, y, x, y, 0.1)
+    arch_p = Architect(plain, arch_learning_rate=0.01)
     arch_p.objective(*plain(x), y).backward()
     arch_p.optimizer.step()
     for a, b in zip(fast.arch_parameters(), plain.arch_parameters()):
@@ -67,7 +67,7 @@ def test_partial_channels_run_both_orders():
     for k in (2, 4):
         net, x, y = make(partial_channels=k)
         for unrolled in (False, True):
-            arch = Architect(net, 0.01, unrolled=unrolled)
+            arch = Architect(net, arch_learning_rate=0.01, unrolled=unrolled)
             opt = torch.optim.SGD(net.weight_parameters(), 0.1, momentum=0.9)
             before = [p.detach().clone() for p in net.arch_parameters()]
             arch.step(x, y, x, y, 0.1, opt)
@@ -128,7 +128,7 @@ def test_channels_last_final_network_equals_the_default_layout():
 
 
 def test_channels_last_modes():
-    from layout import want_channels_last
+    from plumbing.layout import want_channels_last
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert want_channels_last("auto", cpu) and not want_channels_last("off", cpu)
     assert not want_channels_last("auto", cuda) and want_channels_last("auto", cuda, amp=True)
@@ -182,7 +182,7 @@ def test_search_step_reads_nothing_to_the_host(unrolled):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from timing import DispatchCount
     net, x, y = make()
-    arch = Architect(net, 0.01, unrolled=unrolled)
+    arch = Architect(net, arch_learning_rate=0.01, unrolled=unrolled)
     opt = torch.optim.SGD(net.weight_parameters(), 0.1, momentum=0.9, foreach=True)
     flags = utils.FiniteFlags()
 

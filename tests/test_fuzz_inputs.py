@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-import benchmark
+from nb201 import benchmark
 import train
 from test_door_checks import ARCH, ARCH2, measurements, run_bundle, tiny_bundle
 from test_run_safety import TINY_TRAIN, mutations

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-import launchers
+from plumbing import launchers
 import pareto
 from conftest import ROOT, run_script
 from test_run_safety import one_error_line

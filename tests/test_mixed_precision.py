@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import operations
 from architect import Architect
-from cliargs import CLIError
+from plumbing.cliargs import CLIError
 from conftest import run_script
 from dl_energy_estimator import EnergyEstimator
 from model_search import Network
@@ -37,7 +37,8 @@ def batches():
 def alpha_grads(autocast, outer=None):
     net = supernet()
     opt = torch.optim.SGD(net.weight_parameters(), 0.1, momentum=0.9, weight_decay=3e-4)
-    arch = Architect(net, 3e-3, 1e-3, 0.9, 3e-4, 0.9, 0.05, unrolled=True, autocast=autocast)
+    arch = Architect(net, arch_learning_rate=3e-3, arch_weight_decay=1e-3, momentum=0.9, weight_decay=3e-4,
+                     task_weight=0.9, energy_weight=0.05, unrolled=True, autocast=autocast)
     with outer() if outer else torch.enable_grad():
         arch.step(*batches(), 0.1, opt)
     return torch.cat([a.grad.flatten() for a in net.arch_parameters()])
@@ -55,7 +56,7 @@ def test_first_order_step_runs_its_forward_under_amp():
     net = supernet()
     seen = []
     net.classifier.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    arch = Architect(net, 3e-3, unrolled=False, autocast=bf16)
+    arch = Architect(net, arch_learning_rate=3e-3, unrolled=False, autocast=bf16)
     arch.step(*batches(), 0.1)
     assert seen == [torch.bfloat16] and all(a.grad.dtype == torch.float32 for a in net.arch_parameters())
 
@@ -72,7 +73,7 @@ def test_energies_identical_with_and_without_amp():
         _, e_amp = amp(x)
     assert energies(amp) == energies(ref) and energies(ref)[1][1] > 0
     from model import network_report
-    from datasets import DataInfo
+    from plumbing.datasets import DataInfo
     import genotypes as G
     from model import NetworkCIFAR
     info = DataInfo(1, 10, 8)
@@ -114,7 +115,7 @@ def test_autocast_per_step_trains_where_one_context_per_epoch_does_not():
 @pytest.mark.parametrize("choice, device, deterministic", [("auto", "cpu", True), ("auto", "cuda", False),
                                                            ("on", "cuda", True), ("off", "cpu", False)])
 def test_deterministic_is_on_for_cpu_runs_and_off_on_cuda(choice, device, deterministic):
-    import utils
+    from plumbing import utils
     cudnn = torch.backends.cudnn
     saved = cudnn.deterministic, cudnn.benchmark
     try:

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import genotypes as G
-from datasets import DIGITS_TEST_FRACTION, Cutout, DataInfo, load_dataset
+from plumbing.datasets import DIGITS_TEST_FRACTION, Cutout, DataInfo, load_dataset
 from dl_energy_estimator import EnergyEstimator
 from model import AuxiliaryHead, NetworkCIFAR, NetworkImageNet, build_network, drop_path, network_report
-from utils import count_params
+from plumbing.utils import count_params
 
 
 @pytest.mark.parametrize("name, expected", [("DARTS_V2", 3_349_342), ("DARTS_V1", 3_169_414),
@@ -106,7 +106,7 @@ def test_digits_split_is_disjoint_and_sized():
 def test_search_sees_only_the_training_split():
     from types import SimpleNamespace
 
-    from datasets import search_loaders
+    from plumbing.datasets import search_loaders
     train, _ = load_dataset("digits", "./data", train=True)
     args = SimpleNamespace(train_portion=0.5, batch_size=64, workers=0)
     a, b = search_loaders(train, args, torch.device("cpu"))

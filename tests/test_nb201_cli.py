@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-import nb201
+from nb201 import space as nb201
 from conftest import run_script
 
 SEARCH = ["train_search.py", "--space", "nb201", "--dataset", "digits", "--epochs", "3", "--wandb", "disabled"]
@@ -126,7 +126,7 @@ def test_fit_the_estimator_to_a_published_nb201_table(tmp_path):
     import random
     from scipy.stats import spearmanr
     import spaces
-    import utils
+    from plumbing import utils
     rng = random.Random(0)
     cells = rng.sample(list(itertools.product(nb201.PRIMITIVES, repeat=len(nb201.EDGES))), 40)
     measured = {nb201.format_arch(ops): 1 + 2 * ops.count("nor_conv_3x3") + ops.count("nor_conv_1x1")

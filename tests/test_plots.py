@@ -7,10 +7,10 @@ import shutil
 import pytest
 
 import genotypes as G
-import plots
-import cell_diagrams
+from model import op_energies
+from plumbing import cell_diagrams, plots
 from conftest import run_script
-from datasets import known_info
+from plumbing.datasets import known_info
 from dl_energy_estimator import EnergyEstimator
 
 
@@ -44,8 +44,8 @@ def test_figures_are_written_and_non_empty(tmp_path):
 def test_visualize_renders_darts_v2(tmp_path, backend):
     if backend == "graphviz" and not shutil.which("dot"):
         pytest.skip("graphviz's dot is not installed")
-    paths = cell_diagrams.render(G.DARTS_V2, str(tmp_path), known_info("digits"), 16, 8, EnergyEstimator.default(),
-                             backend=backend, name="DARTS_V2")
+    energies = op_energies(G.DARTS_V2, known_info("digits"), 16, 8, EnergyEstimator.default())[0]
+    paths = cell_diagrams.render(G.DARTS_V2, energies, str(tmp_path), 16, 8, backend=backend, name="DARTS_V2")
     names = sorted(os.path.basename(p) for p in paths)
     assert names == ["normal.pdf", "normal.png", "reduce.pdf", "reduce.png"]
     assert all(is_png(p) for p in paths if p.endswith(".png"))

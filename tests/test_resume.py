@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-import runs
-import utils
+from plumbing import runs
+from plumbing import utils
 from conftest import ROOT, run_script
 
 TIMING = {"epoch_s", "wall_s"}
@@ -198,7 +198,7 @@ def test_rng_saved_with_8_gpus_restores_on_the_cpu_and_on_one_gpu(monkeypatch):
 
 
 def test_each_rank_restores_its_own_streams(monkeypatch):
-    import distributed
+    from plumbing import distributed
     saved = fabricated_rng(cuda_states=0, ranks=2)
     draws = []
     for rank in (0, 1, 2):  # rank 2: a resume on more ranks than saved takes rank 0's (the top level)
@@ -215,7 +215,7 @@ def test_loaders_with_workers_resume_exactly():
     start their workers each epoch from the restored RNG, and evaluating (persistent workers, own seed) moves
     nothing."""
     import argparse
-    from datasets import eval_loaders, search_loaders
+    from plumbing.datasets import eval_loaders, search_loaders
     from torch.utils.data import Dataset
 
     class Noisy(Dataset):  # an "augmentation" from every RNG a transform may use

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pareto
-import runs
+from plumbing import runs
 import train
 import train_search
 from conftest import ROOT, run_script
@@ -121,7 +121,7 @@ def test_weights_need_measure_energy_and_must_be_a_state_dict(trained, tmp_path,
 def fill_disk_at(monkeypatch, nth: int) -> None:
     """From the `nth` checkpoint written on (1-based), renaming it into place fails with a full disk."""
     import errno
-    import utils
+    from plumbing import utils
     real, calls = utils.os.replace, []
 
     def full(src, dst):
@@ -167,7 +167,7 @@ def test_an_early_stopped_search_stays_stopped(tmp_path):
 
 def test_the_stopper_keeps_the_least_collapsed_epoch_when_none_is_healthy():
     from collections import namedtuple
-    from search_control import CollapseStopper
+    from derivation import CollapseStopper
     Geno = namedtuple("Geno", "normal reduce")
     stop = CollapseStopper(consecutive=3)
     cells = [Geno([("skip_connect", 0)] * k + [("sep_conv_3x3", 1)] * (8 - k), []) for k in (5, 3, 4)]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import options
+from plumbing import options
 from architect import DARTS_ARCH_LR, DARTS_ARCH_STEPS, arch_lr_for_steps
 
 

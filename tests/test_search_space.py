@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import genotypes as G
 from architect import Architect
 from dl_energy_estimator import EnergyEstimator
-from model_search import MixedOp, Network, derive
+from derivation import derive
+from model_search import MixedOp, Network
 from operations import OPS, attach_estimator
 
 SMALL = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]

@@ -9,7 +9,7 @@ import torch
 
 import genotypes as G
 from conftest import run_script
-from datasets import DataInfo
+from plumbing.datasets import DataInfo
 from dl_energy_estimator import EnergyEstimator
 from model import build_network
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as tdist
 from torch.utils.data import Sampler
 
-from cliargs import positive_float
+from plumbing.cliargs import positive_float
 
 DEFAULT_TIMEOUT_S = 1800
 T = TypeVar("T")

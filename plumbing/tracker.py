@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Any, Dict, Iterable, Optional
 
-from cliargs import CLIError
+from plumbing.cliargs import CLIError
 
 # -------------------------------------------------------------------------------------------------- wandb
 

@@ -13,10 +13,10 @@ import re
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from cliargs import CLIError
+from plumbing.cliargs import CLIError
 from genotypes import GenotypeError
-import jsonfile
-import nb201
+from plumbing import jsonfile
+from nb201 import space as nb201
 
 ARCH_COLUMN = "arch_str"
 MAX_COLUMNS = 4096  # HW-NAS-Bench's widest export has a few dozen; a million columns is a broken file
@@ -190,7 +190,7 @@ def plot_sweep(table: BenchmarkTable, cells: Sequence[Tuple[str, nb201.ArchLike]
     """`pareto.py --benchmark`: the sweep's cells (label, arch) on two measured columns over the whole table's
     cloud and its Pareto front (`*_better`: "lower" or "higher"), a PNG at `path`. Returns the path and the labels
     of cells the table has no numbers for (left out of the plot)."""
-    import plots
+    from plumbing import plots
     cloud = table.cloud(x, y)
     points, missing = [], []
     for label, arch in cells:

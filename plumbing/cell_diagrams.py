@@ -1,6 +1,6 @@
 """Cell diagrams: a DARTS genotype's normal and reduction cells as PNG and PDF, each edge labelled with its op and
 the op's estimated energy (mJ per image) in the network train.py builds from the genotype; and the drawing helpers
-NAS-Bench-201's diagram shares (nb201_energy.py). Graphviz's `dot` when installed, matplotlib otherwise."""
+NAS-Bench-201's diagram shares (nb201/pricing.py). Graphviz's `dot` when installed, matplotlib otherwise."""
 from __future__ import annotations
 
 import os
@@ -8,10 +8,7 @@ import shutil
 import subprocess
 from typing import Dict, List, Optional, Tuple
 
-import genotypes as G
-from cliargs import CLIError
-from datasets import DataInfo
-from derived_energy import op_energies
+from plumbing.cliargs import CLIError
 
 KINDS = ("normal", "reduce")
 
@@ -121,12 +118,12 @@ def pick_backend(backend: str) -> str:
     return backend
 
 
-def render(genotype: G.Genotype, out_dir: str, info: DataInfo, channels: int, layers: int, estimator,
+def render(genotype, energies: Dict[str, List[float]], out_dir: str, channels: int, layers: int,
            backend: str = "auto", name: str = "") -> List[str]:
-    """Write normal.{png,pdf} and reduce.{png,pdf} into out_dir; returns the paths."""
+    """Write normal.{png,pdf} and reduce.{png,pdf} into out_dir (`energies`: mJ per op of each kind, as
+    `model.op_energies` prices them); returns the paths."""
     backend = pick_backend(backend)
     os.makedirs(out_dir, exist_ok=True)
-    energies = op_energies(genotype, info, channels, layers, estimator)[0]
     paths = []
     for kind in KINDS:
         pairs, concat = getattr(genotype, kind), list(getattr(genotype, f"{kind}_concat"))

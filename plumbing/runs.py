@@ -20,11 +20,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-import distributed
-import jsonfile
-from tracker import Tracker, wandb_mode
-from cliargs import CLIError, check, fail
-from utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from plumbing import distributed
+from plumbing import jsonfile
+from plumbing.tracker import Tracker, wandb_mode
+from plumbing.cliargs import CLIError, check, fail
+from plumbing.utils import atomic_torch_save, atomic_write_json, atomic_write_text
 
 # --------------------------------------------------------------------------------------------- run folder
 
@@ -553,6 +553,10 @@ def guarded_main(parser: argparse.ArgumentParser, run, args: argparse.Namespace,
     inside a run folder ends its line with what is on disk (`RunFolder.on_disk`)."""
     try:
         return run(args, explicit)
+    except StoppedBySignal as e:  # during set-up, before any epoch (plumbing.run.Run stops later ones itself)
+        print(f"{os.path.basename(sys.argv[0]) or 'run'}: stopped by {e} during set-up, before any epoch; "
+              f"{on_disk(e)}", file=sys.stderr)
+        return 128 + e.signum
     except CLIError as e:
         parser.print_usage(sys.stderr)
         fail(one_line(e) + (f"; {e.on_disk}" if getattr(e, "kept_work", False) else ""))
@@ -643,9 +647,9 @@ class NonFiniteError(RuntimeError):
 
 
 class StoppedBySignal(BaseException):
-    """SIGINT / SIGTERM during set-up, before the epochs: acted on at once (nothing to save yet); `launch` turns
+    """SIGINT / SIGTERM during set-up, before the epochs: acted on at once (nothing to save yet); `guarded_main` turns
     it into its one line and exit status 128 + signal. A BaseException, like KeyboardInterrupt: no handler for
-    errors catches it on its way out."""
+    errors catches it on its way out (`guarded_main` does)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Sequence
 
-from cliargs import CLIError
+from plumbing.cliargs import CLIError
 
 MAX_BYTES = 64 << 20  # far above any file the project writes (alphas.json of a 600-epoch search: ~2 MB)
 MAX_DEPTH = 32
@@ -140,6 +140,3 @@ def numbers(values: Sequence[Any], where: str) -> List[float]:
     """A list of finite numbers."""
     return [float(expect(v, (int, float), f"{where}[{i}]")) for i, v in enumerate(expect(values, list, where))]
 
-
-def optional_str(obj: dict, key: str, where: str) -> Optional[str]:
-    return get(obj, key, (str, type(None)), where, None)

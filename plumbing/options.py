@@ -7,14 +7,12 @@ exactly (reference: the DARTS paper); `digits` is sized to finish on a laptop CP
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-import distributed
-import genotypes as G
-import search_control
-from cliargs import (CLIError, batch_int, bounded, energy_batch_int, epochs_int, fraction, nonneg_float, nonneg_int,
+from plumbing import distributed
+from plumbing.cliargs import (CLIError, batch_int, bounded, energy_batch_int, epochs_int, fraction, nonneg_float, nonneg_int,
                      positive_float, positive_int, seed_int, size_int, unit_float, weight_float)
-from datasets import DATASETS, DEFAULT_DATA, RESIZABLE, DataInfo, known_info
+from plumbing.datasets import DATASETS, DEFAULT_DATA, RESIZABLE, DataInfo, known_info
 
 DEFAULT_DATASET = "cifar10"  # DARTS's
 
@@ -24,44 +22,61 @@ DEFAULT_DATASET = "cifar10"  # DARTS's
 SMALL_SEARCH = dict(arch_learning_rate=None, workers=0)
 SMALL_TRAIN = dict(workers=0)
 
-# (script, space) -> data set -> defaults; "*" holds every data set's, a named data set overrides them.
-DEFAULTS: Dict[tuple, Dict[str, Dict[str, Any]]] = {
-    ("search", "darts"): {
-        "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, weight_decay=3e-4,
-                  epochs=50, init_channels=16, layers=8, train_portion=0.5, grad_clip=5.0, arch_learning_rate=3e-4,
-                  arch_weight_decay=1e-3, workers=2, threads=0, nesterov=False),
-        "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=5,
-                       arch_learning_rate=3e-3, workers=0),
-        **{d: SMALL_SEARCH for d in ("mnist", "fashion_mnist")},
-    },
-    ("train", "darts"): {
-        "*": dict(batch_size=96, learning_rate=0.025, momentum=0.9, weight_decay=3e-4, epochs=600, init_channels=36,
-                  layers=20, drop_path_prob=0.2, grad_clip=5.0, cutout_length=16, auxiliary_weight=0.4, workers=2,
-                  lr_schedule="cosine", gamma=0.97, label_smoothing=0.0, nesterov=False, threads=0),
-        "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=6, drop_path_prob=0.1,
-                       cutout_length=3, workers=0, threads=1),
-        **{d: SMALL_TRAIN for d in ("mnist", "fashion_mnist")},
-        "imagenet": dict(batch_size=128, learning_rate=0.1, epochs=250, init_channels=48, layers=14,
-                         drop_path_prob=0.0, weight_decay=3e-5, lr_schedule="exponential", gamma=0.97,
-                         label_smoothing=0.1, workers=4),
-    },
+# (script, space) -> data set -> defaults; "*" holds every data set's, a named data set overrides them. The one
+# table of the scripts' defaults, read by `defaults_for` alone.
+DARTS_SEARCH: Dict[str, Dict[str, Any]] = {
+    "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, weight_decay=3e-4,
+              epochs=50, init_channels=16, layers=8, train_portion=0.5, grad_clip=5.0, arch_learning_rate=3e-4,
+              arch_weight_decay=1e-3, workers=2, threads=0, nesterov=False),
+    "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=5,
+               arch_learning_rate=3e-3, workers=0),
+    **{d: SMALL_SEARCH for d in ("mnist", "fashion_mnist")},
+}
+DARTS_TRAIN: Dict[str, Dict[str, Any]] = {
+    "*": dict(batch_size=96, learning_rate=0.025, momentum=0.9, weight_decay=3e-4, epochs=600, init_channels=36,
+              layers=20, drop_path_prob=0.2, grad_clip=5.0, cutout_length=16, auxiliary_weight=0.4, workers=2,
+              lr_schedule="cosine", gamma=0.97, label_smoothing=0.0, nesterov=False, threads=0),
+    "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=6, drop_path_prob=0.1,
+               cutout_length=3, workers=0, threads=1),
+    **{d: SMALL_TRAIN for d in ("mnist", "fashion_mnist")},
+    "imagenet": dict(batch_size=128, learning_rate=0.1, epochs=250, init_channels=48, layers=14,
+                     drop_path_prob=0.0, weight_decay=3e-5, lr_schedule="exponential", gamma=0.97,
+                     label_smoothing=0.1, workers=4),
+}
+# NB201's protocol (its paper and configs), in the scripts' flag names. `layers` is N, the cells per stage (3N in
+# all). NB201 trains without drop path, auxiliary head, cutout or gradient clipping (None: no clipping).
+NB201_TRAIN = {
+    "*": dict(batch_size=256, learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, epochs=200,
+              lr_schedule="cosine", learning_rate_min=0.0, init_channels=16, layers=5, drop_path_prob=0.0,
+              auxiliary=False, cutout=False, grad_clip=None, label_smoothing=0.0),
+    "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=2, workers=0, threads=1),
+}
+# NB201's DARTS baselines (DARTS's optimizers, wd 5e-4 with Nesterov). Digits: sized to search in well under a
+# minute on two CPU cores, with one thread (8x8 images gain nothing from more).
+NB201_SEARCH = {
+    "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, nesterov=True,
+              weight_decay=5e-4, epochs=50, init_channels=16, layers=5, grad_clip=5.0, arch_learning_rate=3e-4,
+              arch_weight_decay=1e-3, train_portion=0.5),
+    "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=2, arch_learning_rate=3e-3,
+                   workers=0, threads=1),
 }
 
 
-def _nb201_tables() -> None:
-    """NB201's protocols (nb201.py) over DARTS's table for what they leave open (workers, threads, ...)."""
-    import nb201
-    for script, table in (("search", nb201.SEARCH_DEFAULTS), ("train", nb201.TRAIN_DEFAULTS)):
-        small = SMALL_SEARCH if script == "search" else SMALL_TRAIN
-        DEFAULTS[(script, "nb201")] = {"*": {**DEFAULTS[(script, "darts")]["*"], **table["*"]},
-                                       **{d: small for d in ("mnist", "fashion_mnist")},
-                                       **{k: v for k, v in table.items() if k != "*"}}
+def _over(darts: Dict[str, Dict[str, Any]], space: Dict[str, Dict[str, Any]], small: Dict[str, Any]):
+    """A space's table over DARTS's for what it leaves open (workers, threads, ...)."""
+    return {"*": {**darts["*"], **space["*"]}, **{d: small for d in ("mnist", "fashion_mnist")},
+            **{k: v for k, v in space.items() if k != "*"}}
+
+
+DEFAULTS: Dict[tuple, Dict[str, Dict[str, Any]]] = {
+    ("search", "darts"): DARTS_SEARCH, ("train", "darts"): DARTS_TRAIN,
+    ("search", "nb201"): _over(DARTS_SEARCH, NB201_SEARCH, SMALL_SEARCH),
+    ("train", "nb201"): _over(DARTS_TRAIN, NB201_TRAIN, SMALL_TRAIN),
+}
 
 
 def defaults_for(script: str, dataset: str, space: str = "darts") -> Dict[str, Any]:
     """The defaults of `script` ("search" or "train") for `dataset` in `space`."""
-    if (script, space) not in DEFAULTS:
-        _nb201_tables()
     table = DEFAULTS[(script, space)]
     return {**table["*"], **table.get(dataset, {})}
 
@@ -158,14 +173,14 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (NB201's protocols)")
 
 
-def search_parser() -> argparse.ArgumentParser:
-    """train_search.py's flags."""
+def search_parser(primitive_sets: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """train_search.py's flags (`primitive_sets`: the named sets, for the help)."""
     p = argparse.ArgumentParser(allow_abbrev=False, description="Energy-aware DARTS search (defaults: DARTS's CIFAR-10 settings; "
                                             "digits has small defaults of its own).")
     add_common_args(p)
     add_training_args(p)
     p.add_argument("--primitives", default=None,
-                   help=f"candidate ops: a set ({', '.join(G.PRIMITIVE_SETS)}; nb201 for --space nb201) or a comma "
+                   help=f"candidate ops: a set ({', '.join(primitive_sets)}; nb201 for --space nb201) or a comma "
                         f"list of op names (default: the space's own set)")
     p.add_argument("--benchmark", default=None,
                    help="--space nb201: a CSV with an arch_str column (NAS-Bench-201, HW-NAS-Bench); each epoch the "
@@ -185,19 +200,19 @@ def search_parser() -> argparse.ArgumentParser:
                    help="width of the network whose energy is reported (default: train.py's for the data set)")
     p.add_argument("--eval_layers", type=size_int, default=None,
                    help="depth of the network whose energy is reported (default: train.py's for the data set)")
-    search_control.add_args(p)
+    add_collapse_args(p)
     return p
 
 
-def train_parser() -> argparse.ArgumentParser:
-    """train.py's flags."""
+def train_parser(named_genotypes: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """train.py's flags (`named_genotypes`: the names --arch takes, for the help)."""
     p = argparse.ArgumentParser(allow_abbrev=False, description="Train a searched cell from scratch (defaults: DARTS's CIFAR-10 "
                                             "protocol; digits and imagenet have defaults of their own).")
     add_common_args(p)
     arch = p.add_mutually_exclusive_group()
     arch.add_argument("--genotype", help="genotype.json written by train_search.py (--space nb201: or an arch "
                                          "string)")
-    arch.add_argument("--arch", help=f"a named genotype: {', '.join(G.NAMED_GENOTYPES)}")
+    arch.add_argument("--arch", help=f"a named genotype: {', '.join(named_genotypes)}")
     add_training_args(p)
     p.add_argument("--auxiliary", action="store_true", help="auxiliary tower at 2/3 depth")
     p.add_argument("--auxiliary_weight", type=weight_float)
@@ -221,3 +236,25 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--watts", type=positive_float, default=None,
                    help="with --measure_energy and no energy counter: the device's power draw in W")
     return p
+
+
+def add_collapse_args(p: argparse.ArgumentParser) -> None:
+    """Flags against skip/pool collapse (README, "Avoiding collapse"); all off by default (plain DARTS)."""
+    g = p.add_argument_group("collapse guards and energy budget")
+    g.add_argument("--warmup_epochs", type=nonneg_int, default=0,
+                   help="train the weights only (alphas frozen) for the first N epochs (PC-DARTS)")
+    g.add_argument("--energy_ramp_epochs", type=nonneg_int, default=0,
+                   help="after the warm-up, ramp the energy weight in linearly over M epochs")
+    g.add_argument("--max_skip", type=nonneg_int, default=None,
+                   help="cap skip_connects in the derived normal cell (P-DARTS: 2)")
+    g.add_argument("--min_parametric", type=nonneg_int, default=None,
+                   help="at least K parametric ops in the derived normal cell (default 2 with --max_skip, else 0)")
+    g.add_argument("--early_stop", action="store_true",
+                   help="DARTS+: stop when the unguarded normal cell holds >2 skips for 2 epochs (or --patience)")
+    g.add_argument("--patience", type=positive_int, default=None,
+                   help="with --early_stop: also stop when the ranking of ops is stable for N epochs")
+    g.add_argument("--energy_budget", type=positive_float, default=None,
+                   help="mJ per image of the derived network: adaptive penalty on energy above it (replaces "
+                        "--energy_weight); the written cell is projected to within 5 %% under it")
+    g.add_argument("--budget_rate", type=positive_float, default=0.02,
+                   help="step of the budget's Lagrange multiplier per architecture step")

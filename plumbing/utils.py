@@ -3,7 +3,6 @@ flags and their defaults are in `options.py`, the CLI error and argparse types i
 (folder, log, checkpoints, resume, signals) in `runs.py` and `runner.py`, wandb in `tracker.py`."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -14,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from cliargs import CLIError
+from plumbing.cliargs import CLIError
 
 # ----------------------------------------------------------------------------------------------- safe writes
 
@@ -53,14 +52,6 @@ def append_jsonl(path: str, obj: Dict[str, Any]) -> None:
         f.write(json.dumps(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def set_threads(device: torch.device, threads: Optional[int]) -> None:
@@ -170,7 +161,7 @@ def rng_state(device: torch.device) -> Dict[str, Any]:
     tensors and plain values (loadable with weights_only=True). Under torchrun every rank calls it: the states of
     all ranks come back (on every rank) under "ranks", rank 0's also at the top level, so each rank resumes its own
     streams (augmentation, drop path). With `set_rng_state` the one pair that writes and reads the "rng" entry."""
-    import distributed
+    from plumbing import distributed
     np_state = np.random.get_state()
     state: Dict[str, Any] = {
         "python": random.getstate(),
@@ -189,7 +180,7 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     """Restore what `rng_state` saved: this rank's own states when the run saved one per rank (else the top level,
     e.g. a run saved by one process), and the GPU state only on a GPU. Older checkpoints held every visible GPU's
     state (a list): the one of this device's index is used, or the first when this machine has fewer."""
-    import distributed
+    from plumbing import distributed
     ranks = state.get("ranks")
     rank = distributed.rank()
     mine = ranks[rank] if isinstance(ranks, list) and rank < len(ranks) else state

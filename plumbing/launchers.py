@@ -23,8 +23,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import submitit
 
-import jsonfile
-from cliargs import CLIError, nonneg_int, positive_float, positive_int
+from plumbing import jsonfile
+from plumbing.cliargs import CLIError, nonneg_int, positive_float, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCHERS = ("local", "submitit-local", "slurm")
@@ -325,7 +325,7 @@ def still_running(folder: str, steps: List[Step]) -> Dict[str, submitit.Job]:
 
 
 def remember(folder: str, steps: List[Step], jobs: List[submitit.Job]) -> None:
-    import utils  # here, not at the top: the job processes import this module and need no torch
+    from plumbing import utils  # here, not at the top: the job processes import this module and need no torch
     record = jsonfile.expect(jsonfile.read(record_path(folder), "submitit job record", {}), dict, record_path(folder))
     utils.atomic_write_json(record_path(folder), {**record, **{s.key: j.job_id for s, j in zip(steps, jobs)}})
 

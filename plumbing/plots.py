@@ -192,7 +192,7 @@ def search_epoch_figures(run_dir: str, alphas: Dict[str, list], primitives: Sequ
     """A search's figures after an epoch: alpha heatmaps and curves from its metrics.jsonl (`search_figures`), and
     the cells of `genotype` (a genotype of `space`, spaces.py) in cells/ with per-op energies of the network
     `(info, channels, layers, estimator)` train.py builds from it. Returns name -> PNG path."""
-    import jsonfile
+    from plumbing import jsonfile
     rows = jsonfile.read_lines(os.path.join(run_dir, "metrics.jsonl"), "metrics file")
     paths = search_figures(run_dir, rows, alphas, primitives, run_name, space.edge_labels())
     cells = space.render(genotype, os.path.join(run_dir, "cells"), *network, name=f"epoch {epoch}")

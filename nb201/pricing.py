@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-import nb201
-from datasets import DataInfo
-from derived_energy import module_energies
+from nb201 import space as nb201
+from plumbing.datasets import DataInfo
+from model import module_energies
 from operations import is_parametric
 
 
@@ -160,7 +160,7 @@ def draw_matplotlib(arch: nb201.ArchLike, energies: Sequence[float], title: str,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from cell_diagrams import arc, node_boxes, save_figure
+    from plumbing.cell_diagrams import arc, node_boxes, save_figure
     fig, ax = plt.subplots(figsize=(11.0, 4.6))
     for (i, j), op, e in zip(nb201.EDGES, nb201.as_arch(arch), energies):
         arc(ax, _POS[str(j)], _POS[str(i)], _BEND[i - j], f"{op}\n{e:.4f} mJ",
@@ -177,7 +177,7 @@ def render(arch: nb201.ArchLike, out_dir: str, info: DataInfo, estimator, channe
            backend: str = "auto", name: str = "") -> List[str]:
     """Write cell.png and cell.pdf into `out_dir` (edges priced in the first cell of the network train.py builds,
     the title giving the whole network); returns the paths."""
-    from cell_diagrams import draw_graphviz, pick_backend
+    from plumbing.cell_diagrams import draw_graphviz, pick_backend
     backend = pick_backend(backend)
     os.makedirs(out_dir, exist_ok=True)
     energies, total = edge_energies(arch, info, estimator, channels, layers)

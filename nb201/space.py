@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from genotypes import GenotypeError, read_json
-from layout import LayoutMixin
+from plumbing.layout import LayoutMixin
 from derivation import guard_derivation
 from model_search import MixedOp, SupernetMixin
 from operations import OPS, ReLUConvBN
@@ -38,25 +38,6 @@ GENOTYPE_FORMAT = 1
 
 Arch = Tuple[str, ...]  # the op of each edge, in EDGES order
 ArchLike = Union[str, Sequence[str]]
-
-# NB201's protocol (its paper and configs), in the scripts' flag names. `layers` is N, the cells per stage (3N in
-# all). NB201 trains without drop path, auxiliary head, cutout or gradient clipping (None: no clipping).
-TRAIN_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "*": dict(batch_size=256, learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, epochs=200,
-              lr_schedule="cosine", learning_rate_min=0.0, init_channels=16, layers=5, drop_path_prob=0.0,
-              auxiliary=False, cutout=False, grad_clip=None, label_smoothing=0.0),
-    "digits": dict(batch_size=64, learning_rate=0.05, epochs=20, init_channels=16, layers=2, workers=0, threads=1),
-}
-# NB201's DARTS baselines (DARTS's optimizers, wd 5e-4 with Nesterov). Digits: sized to search in well under a
-# minute on two CPU cores, with one thread (8x8 images gain nothing from more).
-SEARCH_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "*": dict(batch_size=64, learning_rate=0.025, learning_rate_min=0.001, momentum=0.9, nesterov=True,
-              weight_decay=5e-4, epochs=50, init_channels=16, layers=5, grad_clip=5.0, arch_learning_rate=3e-4,
-              arch_weight_decay=1e-3, train_portion=0.5),
-    "digits": dict(batch_size=64, learning_rate=0.1, epochs=10, init_channels=8, layers=2, arch_learning_rate=3e-3,
-                   workers=0, threads=1),
-}
-
 
 # ------------------------------------------------------------------------------------------------ arch strings
 def edge_name(e: int) -> str:
@@ -153,7 +134,7 @@ def from_dict(data: Any, where: str = "genotype") -> Arch:
 def save(arch: ArchLike, path: str, primitives: Optional[Sequence[str]] = None,
          meta: Optional[Dict[str, Any]] = None) -> None:
     """Write `genotype.json` atomically."""
-    from utils import atomic_write_json
+    from plumbing.utils import atomic_write_json
     atomic_write_json(path, to_dict(arch, primitives, meta))
 
 

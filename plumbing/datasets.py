@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-import distributed
-from cliargs import CLIError
+from plumbing import distributed
+from plumbing.cliargs import CLIError
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
