@@ -3,17 +3,19 @@
 calibrate: measure a grid of layers on this machine and fit. export: write what to measure on another device
 (plain-torch programs with their traced features, and a standalone runner). fit: fit an energy model to the
 runner's measurements.json, or to a CSV of whole networks someone else measured. report: print a model.
+
+The package knows ``torch.nn`` layers, not search spaces: exporting whole networks (--genotype, --arch) and
+``fit --table`` need a network builder, which a project passes to :func:`main` (``networks=``).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +29,10 @@ from .measure import ALIASES, EnergyCounterUnavailable, measure
 from .runner import output_file_problem, positive_number
 from .schema import EnergyModelError
 from .trace import EnergyMemoryError
+
+PROG = "python -m dl_energy_estimator"
+NetworkBuilder = Callable[[str, Any, "tuple[int, ...]", int, Optional[int], Optional[int]], torch.nn.Module]
+"""(space, arch, input_shape (C, H, W), num_classes, channels or None, layers or None) -> the network to price."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,8 +51,8 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dl_energy_estimator", description=__doc__)
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     c = sub.add_parser("calibrate", help="measure a grid of layers on this machine and fit an energy model")
     c.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -248,21 +254,18 @@ def report(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ export / fit
-def _spaces():
-    """The project's ``spaces`` module (by name: this package imports nothing from the project)."""
-    try:
-        return importlib.import_module("spaces")
-    except ImportError as e:
-        raise B.BundleError(f"building networks needs the project's spaces module ({e}); run from the project "
-                            f"root") from None
+def _need_networks(networks: Optional[NetworkBuilder], what: str, cmd: str) -> NetworkBuilder:
+    if networks is None:
+        raise B.BundleError(f"{what} needs a network builder (this package builds no search space's networks): run "
+                            f"`python energy.py {cmd} ...` from the project root, or pass networks= to "
+                            f"dl_energy_estimator.cli.main")
+    return networks
 
 
-def _network(space: str, arch: Any, shape: tuple[int, ...], args: argparse.Namespace):
+def _network(networks: NetworkBuilder, space: str, arch: Any, shape: tuple[int, ...], args: argparse.Namespace):
     try:
-        return _spaces().energy_network(space, arch, shape, args.num_classes, args.channels, args.layers)
-    except B.BundleError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the project's own error (CLIError) for a bad genotype, one line
+        return networks(space, arch, shape, args.num_classes, args.channels, args.layers)
+    except Exception as e:  # noqa: BLE001 - the builder's own error (bad genotype, bad shape): one line
         raise B.BundleError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
@@ -289,9 +292,12 @@ def _check_out_dir(path: str, is_dir: bool, force: bool = False, inputs=()) -> N
         raise B.BundleError(f"output folder {parent} does not exist")
 
 
-def export_cmd(args: argparse.Namespace) -> int:
+def export_cmd(args: argparse.Namespace, networks: Optional[NetworkBuilder] = None) -> int:
+    """The bundle of --grid's layers (standalone) and of --genotype / --arch's networks (built by `networks`)."""
     if not (args.grid or args.genotype or args.arch):
         raise B.BundleError("nothing to export: give --grid, --genotype or --arch")
+    if args.genotype or args.arch:
+        networks = _need_networks(networks, "--genotype/--arch", "export")
     _check_out_dir(args.out, True)
     shape = B.parse_shape(args.input_shape)
     items = []
@@ -303,7 +309,7 @@ def export_cmd(args: argparse.Namespace) -> int:
                                        for i, a in enumerate(args.arch)]
     for name, arch, extra in nets:
         try:
-            module = _network(args.space, arch, shape, args)
+            module = _network(networks, args.space, arch, shape, args)
         except B.BundleError as e:
             raise B.BundleError(f"{extra.get('genotype_file') or extra.get('arch')}: {e}") from None
         extra = {**extra, "space": args.space, "genotype": arch if isinstance(arch, (dict, str)) else None}
@@ -317,7 +323,8 @@ def export_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table_features(args: argparse.Namespace, est: EnergyEstimator) -> tuple[list, np.ndarray, dict]:
+def _table_features(args: argparse.Namespace, est: EnergyEstimator,
+                    networks: NetworkBuilder) -> tuple[list, np.ndarray, dict]:
     arch_col = args.arch_column or ("arch_str" if args.space == "nb201" else "genotype")
     rows = B.read_table(args.table, arch_col, args.column, args.unit, args.watts, B.parse_shape(args.input_shape),
                         json_arch=args.space == "darts")
@@ -331,7 +338,7 @@ def _table_features(args: argparse.Namespace, est: EnergyEstimator) -> tuple[lis
         key = (json.dumps(r.arch, sort_keys=True), r.shape)
         if key not in cache:
             try:
-                net = _network(args.space, r.arch, r.shape, args)
+                net = _network(networks, args.space, r.arch, r.shape, args)
             except B.BundleError as e:
                 raise B.BundleError(f"{args.table} line {r.line}: {e}") from None
             cache[key] = est.family_features(net, (args.batch_size,) + r.shape)
@@ -342,11 +349,14 @@ def _table_features(args: argparse.Namespace, est: EnergyEstimator) -> tuple[lis
     return feats, np.array([r.joules for r in rows]), meta
 
 
-def fit_cmd(args: argparse.Namespace) -> int:
+def fit_cmd(args: argparse.Namespace, networks: Optional[NetworkBuilder] = None) -> int:
+    """Fit to a bundle's measurements.json (standalone) or to --table's networks (built by `networks`)."""
     if (args.measurements is None) == (args.table is None):
         raise B.BundleError("give either a measurements.json or --table CSV (with --column)")
     if args.table and not args.column:
         raise B.BundleError("--table needs --column (the measured values)")
+    if args.table:
+        networks = _need_networks(networks, "--table", "fit")
     _check_out_dir(args.out, False, args.force, [args.measurements, args.table])
     if args.measurements:
         feats, y, doc = B.read_measurements(args.measurements)
@@ -359,7 +369,7 @@ def fit_cmd(args: argparse.Namespace) -> int:
             raise B.BundleError(f"{args.measurements}: unknown source {doc['source']!r}")
     else:
         batch = args.batch_size
-        feats, y, meta = _table_features(args, EnergyEstimator.default(batch_size=batch))
+        feats, y, meta = _table_features(args, EnergyEstimator.default(batch_size=batch), networks)
     feats, y, note = B.merge_repeats(feats, y)
     if note:
         print(f"fit: note: {note}", file=sys.stderr)
@@ -383,14 +393,18 @@ def fit_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, networks: Optional[NetworkBuilder] = None,
+         prog: str = PROG) -> int:
+    """Run one command; exit status 0, or 2 with one error line. `networks` builds the networks of export
+    --genotype/--arch and fit --table (without it those exit 2); calibrate, report, fit measurements.json and
+    export --grid need none."""
+    args = build_parser(prog).parse_args(argv)
     if args.cmd == "calibrate":
         return calibrate(args)
     if args.cmd == "report":
         return report(args)
     try:
-        return export_cmd(args) if args.cmd == "export" else fit_cmd(args)
+        return export_cmd(args, networks) if args.cmd == "export" else fit_cmd(args, networks)
     except (B.BundleError, EnergyModelError, EnergyMemoryError) as e:
         print(f"{args.cmd}: error: {e}", file=sys.stderr)
         return 2

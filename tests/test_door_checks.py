@@ -45,7 +45,7 @@ def test_report_json_never_overwrites_a_run_or_an_existing_file(trained, tmp_pat
 
 
 def test_fit_out_never_overwrites_a_checkpoint(trained, tmp_path, capsys):
-    from dl_energy_estimator.cli import main
+    from energy import main
     before = open(trained / "checkpoint.pt", "rb").read()
     table = tmp_path / "t.csv"
     table.write_text("genotype,energy_mj\nDARTS_V2,1.0\n")
@@ -297,7 +297,7 @@ def test_loading_a_long_table_answers_a_signal_at_once(tmp_path, monkeypatch):
 
 
 def test_fit_refuses_a_wide_table_and_its_own_input_as_out(tmp_path, capsys):
-    from dl_energy_estimator.cli import main
+    from energy import main
     wide = tmp_path / "wide.csv"
     wide.write_text("genotype,energy_mj," + ",".join(f"c{i}" for i in range(5000)) + "\nDARTS_V2,1.0,"
                     + ",".join(["1"] * 5000) + "\n")
@@ -311,7 +311,7 @@ def test_fit_refuses_a_wide_table_and_its_own_input_as_out(tmp_path, capsys):
 
 
 def test_pipes_and_devices_as_inputs_are_one_line_not_a_hang(tmp_path, capsys):
-    from dl_energy_estimator.cli import main
+    from energy import main
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for flags in (["--genotype", str(fifo), "--report"], ["--arch", "DARTS_V2", "--report", "--energy_model", str(fifo)],

@@ -30,8 +30,8 @@ def pool():
 
 
 def _cli(args, cwd, timeout=300):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "dl_energy_estimator", *args], cwd=cwd, env=env,
+    """`python energy.py ...`: the estimator's CLI with the project's networks."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "energy.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -45,7 +45,7 @@ def _one_error_line(res) -> str:
 
 def _main(args, capsys) -> str:
     """The CLI in process (bad input must not get past main either): exit 2 and one stderr line."""
-    from dl_energy_estimator.cli import main
+    from energy import main
     capsys.readouterr()
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()

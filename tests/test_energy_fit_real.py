@@ -111,8 +111,8 @@ def test_auto_prior_of_a_gpu_is_a_gpu(table):
 
 
 def test_cli_fit_with_prior(table, tmp_path):
-    """python -m dl_energy_estimator fit --space nb201 --table ... --prior auto|NAME (derived networks)."""
-    from dl_energy_estimator.cli import main
+    """python energy.py fit --space nb201 --table ... --prior auto|NAME (derived networks)."""
+    from energy import main
     feats, _, _, cols, Y = table
     with open(DATA, newline="") as f:
         rows = list(csv.reader(f))[:13]

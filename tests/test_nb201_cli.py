@@ -121,7 +121,7 @@ def test_pareto_checks_benchmark_columns_up_front(tmp_path, capsys):
 
 
 def test_fit_the_estimator_to_a_published_nb201_table(tmp_path):
-    """`dl_energy_estimator fit --space nb201 --table`: each listed cell's network is built and the estimator is
+    """`python energy.py fit --space nb201 --table`: each listed cell's network is built and the estimator is
     fitted to the column; the fitted model ranks the table's cells as measured and loads in the scripts."""
     import random
     from scipy.stats import spearmanr
@@ -135,12 +135,12 @@ def test_fit_the_estimator_to_a_published_nb201_table(tmp_path):
         w = csv.writer(f)
         w.writerow(["arch_str", "edgegpu_energy"])
         w.writerows(measured.items())
-    res = run_script("-m", "dl_energy_estimator", "fit", "--space", "nb201", "--table", str(tmp_path / "hw.csv"),
+    res = run_script("energy.py", "fit", "--space", "nb201", "--table", str(tmp_path / "hw.csv"),
                      "--column", "edgegpu_energy", "--unit", "mJ", "--out", str(tmp_path / "m.json"), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     est = utils.load_estimator(str(tmp_path / "m.json"), None)
     predicted = [est.model_energy(spaces.energy_network("nb201", a, (3, 32, 32)), (1, 3, 32, 32)) for a in measured]
     assert spearmanr(predicted, list(measured.values())).statistic > 0.95
-    res = run_script("-m", "dl_energy_estimator", "fit", "--space", "nb201", "--table", str(tmp_path / "hw.csv"),
+    res = run_script("energy.py", "fit", "--space", "nb201", "--table", str(tmp_path / "hw.csv"),
                      "--column", "no_such", "--out", str(tmp_path / "x.json"), timeout=300)
     assert res.returncode == 2 and "no_such" in res.stderr and "Traceback" not in res.stderr
