@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Se
 import numpy as np
 
 from genotypes import Genotype
-from operations import POOLS, is_parametric
+from operations import is_parametric, is_pool
 from plumbing.cliargs import CLIError
 
 Pair = Tuple[str, int]
@@ -172,7 +172,7 @@ def cell_stats(normal: Sequence[Pair], alphas: Dict[str, Any]) -> Dict[str, floa
                              for kind in ("normal", "reduce", "cell") if kind in alphas for row in alphas[kind]]))
     return {"normal_parametric": sum(is_parametric(op) for op in ops),
             "normal_skip": ops.count("skip_connect"),
-            "normal_pool": sum(op in POOLS for op in ops),
+            "normal_pool": sum(is_pool(op) for op in ops),
             "alpha_entropy": entropy}
 
 

@@ -19,7 +19,7 @@ import functools
 from derivation import derivable, derive_genotype
 from genotypes import Genotype
 from plumbing.layout import BatchNorm2d, LayoutMixin, like
-from operations import POOLS, FactorizedReduce, ReLUConvBN, attach_estimator, build_op, energy_version
+from operations import FactorizedReduce, ReLUConvBN, attach_estimator, build_op, energy_version, is_pool
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class MixedOp(nn.Module):
             if self.k > 1:  # price the op at the full width it will have in the derived network
                 op.priced_as = functools.partial(build_op, name, C, stride, False)
             self._ops.append(op)
-            if name in POOLS and pool_bn:
+            if is_pool(name) and pool_bn:
                 self._post[str(i)] = BatchNorm2d(width, affine=False)
         if self.k > 1 and stride == 2:
             self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)

@@ -12,6 +12,7 @@ module is refused when the supernet is built, with one line naming it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -244,30 +245,48 @@ class FactorizedReduce(EnergyOp):
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted[:, :, 1:, 1:])], dim=1))
 
 
-OpFactory = Callable[[int, int, bool], EnergyOp]
+OpFactory = Callable[[int, int, bool], nn.Module]
 
-OPS: Dict[str, OpFactory] = {
-    "none": lambda C, stride, affine: Zero(C, stride),
-    "avg_pool_3x3": lambda C, stride, affine: Pool("avg", C, stride),
-    "max_pool_3x3": lambda C, stride, affine: Pool("max", C, stride),
-    "skip_connect": lambda C, stride, affine: Identity(C) if stride == 1 else FactorizedReduce(C, C, affine),
-    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
-    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
-    "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine),
-    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
-    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
-    "conv_7x1_1x7": lambda C, stride, affine: Conv7x1x1x7(C, stride, affine),
-    "conv_1x1": lambda C, stride, affine: ReLUConvBN(C, C, 1, stride, 0, affine),
-    "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine),
+
+@dataclass(frozen=True)
+class Op:
+    """A registry entry: its factory `build(C, stride, affine) -> module` and what the search must know of it."""
+    build: OpFactory
+    parametric: bool = True  # learnable weights: counted by --min_parametric (skips, pools and `none` are not)
+    pool: bool = False       # a pooling op: the supernet puts a BN after it (DARTS), the cell statistics count it
+
+    def __call__(self, C: int, stride: int, affine: bool) -> nn.Module:
+        return self.build(C, stride, affine)
+
+
+# The candidate ops, by name. A new op is one entry: `OPS["my_op"] = Op(lambda C, stride, affine: MyOp(...))`
+# (any nn.Module is priced; `parametric=False` / `pool=True` when it has no weights / pools); a bare factory
+# counts as parametric and not a pool.
+OPS: Dict[str, Callable[[int, int, bool], nn.Module]] = {
+    "none": Op(lambda C, stride, affine: Zero(C, stride), parametric=False),
+    "avg_pool_3x3": Op(lambda C, stride, affine: Pool("avg", C, stride), parametric=False, pool=True),
+    "max_pool_3x3": Op(lambda C, stride, affine: Pool("max", C, stride), parametric=False, pool=True),
+    "skip_connect": Op(lambda C, stride, affine: Identity(C) if stride == 1 else FactorizedReduce(C, C, affine),
+                       parametric=False),
+    "sep_conv_3x3": Op(lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine)),
+    "sep_conv_5x5": Op(lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine)),
+    "sep_conv_7x7": Op(lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine)),
+    "dil_conv_3x3": Op(lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine)),
+    "dil_conv_5x5": Op(lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine)),
+    "conv_7x1_1x7": Op(lambda C, stride, affine: Conv7x1x1x7(C, stride, affine)),
+    "conv_1x1": Op(lambda C, stride, affine: ReLUConvBN(C, C, 1, stride, 0, affine)),
+    "conv_3x3": Op(lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine)),
 }
 # NAS-Bench-201's names for the same ReLU-Conv-BN ops (its `nor_conv_kxk`), so its arch strings read as written.
 OPS["nor_conv_1x1"] = OPS["conv_1x1"]
 OPS["nor_conv_3x3"] = OPS["conv_3x3"]
 
-PARAMETER_FREE = frozenset({"none", "avg_pool_3x3", "max_pool_3x3", "skip_connect"})
-POOLS = frozenset({"avg_pool_3x3", "max_pool_3x3"})
-
 
 def is_parametric(name: str) -> bool:
-    """True for ops with learnable weights (convolutions); skip/pool/none are parameter-free."""
-    return name not in PARAMETER_FREE
+    """True for ops with learnable weights (convolutions); skip/pool/none are parameter-free (the registry says)."""
+    return getattr(OPS.get(name), "parametric", True)
+
+
+def is_pool(name: str) -> bool:
+    """True for pooling ops (the registry says)."""
+    return getattr(OPS.get(name), "pool", False)

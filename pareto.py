@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy_weights", type=floats, default=floats("0,0.02,0.05,0.1,0.2,0.5"))
     p.add_argument("--seeds", type=ints, default=ints("0,1,2"))
     p.add_argument("--dataset", default=None, help="passed to the search and the training")
-    p.add_argument("--space", default="darts", choices=["darts", "nb201"], help="passed to the search and the training")
+    p.add_argument("--space", default="darts", choices=spaces.SPACE_NAMES, help="passed to the search and the training")
     p.add_argument("--benchmark", default=None,
                    help="--space nb201: a table with an arch_str column (NAS-Bench-201, HW-NAS-Bench); passed to the "
                         "searches, and with --x/--y the sweep's cells are plotted on two of its columns")

@@ -17,8 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from plumbing.cliargs import CLIError
-
-SPACE_NAMES = ("darts", "nb201")
+from plumbing.options import SPACE_NAMES
 
 
 class DartsSpace:
@@ -195,7 +194,8 @@ class NB201Space:
         return nb201.format_arch(genotype)
 
 
-SPACES = {"darts": DartsSpace(), "nb201": NB201Space()}
+SPACES = {s.name: s for s in (DartsSpace(), NB201Space())}
+assert tuple(SPACES) == SPACE_NAMES, "register a new space in plumbing.options.SPACE_NAMES (its flags) too"
 
 
 def get(name: str):

@@ -202,6 +202,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: s
         for epoch in run.epochs():
             row: Dict[str, Any] = {"epoch": epoch + 1, "lr": s.optimizer.param_groups[0]["lr"]}
             s.model.drop_path_prob = a.drop_path_prob * epoch / a.epochs
+            s.model.train()
             for x, y in run.batches(s.train_queue, epoch):
                 logits, loss = train_step(s, a, run, ddp, x, y)
                 run.record(logits, loss, y)

@@ -117,11 +117,18 @@ def build(run: Run) -> SimpleNamespace:
 
 
 def valid_batches(queue, epoch: int, device: torch.device):
-    """The validation half's batches for the alphas' steps, started again when shorter than the training half."""
+    """The validation half's batches for the alphas' steps, started again when shorter than the training half.
+    Its iterator is made now, before the training half's: each draws its shuffle's seed from torch's RNG."""
     distributed.set_epoch([queue], epoch)
-    while True:
-        for xv, yv in queue:
-            yield xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
+    batches = iter(queue)
+
+    def cycle():
+        nonlocal batches
+        while True:
+            for xv, yv in batches:
+                yield xv.to(device, non_blocking=True), yv.to(device, non_blocking=True)
+            batches = iter(queue)
+    return cycle()
 
 
 def search(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: set) -> int:
@@ -145,6 +152,7 @@ def search(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: 
                                                                            a.energy_ramp_epochs)
                 row["energy_weight_now"] = s.architect.energy_weight
             valid = valid_batches(s.valid_queue, epoch, run.device)
+            s.model.train()
             for x, y in run.batches(s.train_queue, epoch):
                 utils.step_begin(a, run.device)
                 xv, yv = next(valid)

@@ -53,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 description="Draw a genotype's cells (PNG and PDF) with per-op energies.")
     p.add_argument("genotype", nargs="?", help="genotype.json (--space nb201: or an arch string)")
     p.add_argument("--arch", help=f"a named genotype instead: {', '.join(G.NAMED_GENOTYPES)}")
-    p.add_argument("--space", default=None, choices=["darts", "nb201"],
+    p.add_argument("--space", default=None, choices=spaces.SPACE_NAMES,
                    help="search space of the genotype (default: what the genotype says, else darts)")
     p.add_argument("--out", default=None, help="output folder (default: beside the genotype file)")
     p.add_argument("--force", action="store_true", help="replace figures that already exist in --out")

@@ -107,7 +107,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def _network_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", choices=("darts", "nb201"), default="darts", help="search space of the networks")
+    p.add_argument("--space", default="darts", help="search space of the networks (the network builder's names)")
     p.add_argument("--input_shape", default="3x32x32", help="C x H x W of one image (default 3x32x32)")
     p.add_argument("--batch_size", type=_positive_int, default=1, help="deployment batch size")
     p.add_argument("--num_classes", type=_positive_int, default=10)

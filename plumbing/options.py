@@ -15,6 +15,7 @@ from plumbing.cliargs import (CLIError, batch_int, bounded, energy_batch_int, ep
 from plumbing.datasets import DATASETS, DEFAULT_DATA, RESIZABLE, DataInfo, known_info
 
 DEFAULT_DATASET = "cifar10"  # DARTS's
+SPACE_NAMES = ("darts", "nb201")  # the search spaces: --space's choices; spaces.py holds one unit for each
 
 # The MNISTs sit in memory as one tensor (no loader workers); their searches are often CPU-sized (--subset), so
 # the alphas' learning rate follows the search's length (None: architect.arch_lr_for_steps, set when the loaders
@@ -109,7 +110,7 @@ def evaluation_network(meta: Dict[str, Any], dataset: Optional[str] = None, chan
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Flags both scripts share (names as in DARTS where DARTS has one)."""
-    p.add_argument("--space", default="darts", choices=["darts", "nb201"],
+    p.add_argument("--space", default="darts", choices=SPACE_NAMES,
                    help="search space: DARTS's cells, or NAS-Bench-201's (README, \"NAS-Bench-201\")")
     p.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS),
                    help="data set (default DARTS's cifar10; digits ships with scikit-learn and works offline)")
