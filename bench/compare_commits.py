@@ -61,33 +61,31 @@ def load(path: str) -> Any:
         return json.load(f)
 
 
-def first_difference(a: Any, b: Any, where: str = "") -> Tuple[int, Optional[str]]:
-    """(leaf values compared, the first difference or None): types and values exactly equal (NaN equals NaN),
-    wall-clock keys left out."""
+def first_difference(a: Any, b: Any, where: str = "") -> Tuple[int, int, Optional[str]]:
+    """(leaf values compared, how many differ, the first difference or None): types and values exactly equal (NaN
+    equals NaN), wall-clock keys left out; a dict's keys or a list's length that differ end the walk there."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys_a, keys_b = set(a) - WALL_CLOCK, set(b) - WALL_CLOCK
         if keys_a != keys_b:
-            return 0, f"{where or '.'}: keys {sorted(keys_a ^ keys_b)} in one only"
+            return 0, 1, f"{where or '.'}: keys {sorted(keys_a ^ keys_b)} in one only"
         pairs = [(a[k], b[k], f"{where}.{k}") for k in sorted(keys_a)]
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
-            return 0, f"{where or '.'}: {len(a)} vs {len(b)} items"
+            return 0, 1, f"{where or '.'}: {len(a)} vs {len(b)} items"
         pairs = [(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
     else:
         both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
         same = type(a) is type(b) and (a == b or both_nan)
-        return 1, None if same else f"{where or '.'}: {a!r} vs {b!r}"
-    compared = 0
+        return 1, 0 if same else 1, None if same else f"{where or '.'}: {a!r} vs {b!r}"
+    compared, differing, first = 0, 0, None
     for x, y, w in pairs:
-        n, diff = first_difference(x, y, w)
-        compared += n
-        if diff:
-            return compared, diff
-    return compared, None
+        n, d, diff = first_difference(x, y, w)
+        compared, differing, first = compared + n, differing + d, first or diff
+    return compared, differing, first
 
 
 def compare(old_out: str, new_out: str) -> List[Tuple[str, str, bool, str]]:
-    """One row per file: (file, rows / values compared, identical, first difference)."""
+    """One row per file: (file, rows / values compared and how many differ, identical, first difference)."""
     rows = []
     for name in FILES:
         paths = [os.path.join(old_out, name), os.path.join(new_out, name)]
@@ -96,8 +94,9 @@ def compare(old_out: str, new_out: str) -> List[Tuple[str, str, bool, str]]:
             rows.append((name, "-", False, f"missing: {', '.join(missing)}"))
             continue
         a, b = load(paths[0]), load(paths[1])
-        n, diff = first_difference(a, b)
-        size = f"{len(a)} rows, {n} values" if isinstance(a, list) and name.endswith(".jsonl") else f"{n} values"
+        n, differing, diff = first_difference(a, b)
+        size = f"{len(a)} rows, " if isinstance(a, list) and name.endswith(".jsonl") else ""
+        size += f"{n} values" + (f", {differing} differ" if differing else "")
         rows.append((name, size, diff is None, diff or ""))
     return rows
 

@@ -23,17 +23,19 @@ WALL_CLOCK = {"epoch_s", "wall_s"}
 ANALYTIC = 1e-6  # relative: schedules, MACs, energies of a fixed cell (room for libm rounding, far below any change)
 
 # (relative, absolute) tolerance of the CPU-dependent floats, as math.isclose takes them (relative to the larger
-# value: rel 0.5 is a factor of 2). The widest spread measured on this AMD EPYC (Zen 4, AVX-512) between torch's
-# thread counts 1 and 2 and ATEN_CPU_CAPABILITY avx512 / avx2 over the 3 epochs (issue 21): losses 0.30 (search
-# train_loss, epoch 3: 0.271 vs 0.190), accuracies 2.0 points on training data, 5.8 on held-out data (epoch 1, a
-# network at chance: 18.6 vs 12.8 %), the expected energy 1.1e-4 relative. Each tolerance is about 2x that or more.
+# value: rel 0.5 is a factor of 2). Widest spread measured against these files on this AMD EPYC (Zen 4, AVX-512)
+# with torch's threads 1 instead of 2 and ATEN_CPU_CAPABILITY=avx2 (issue 21): losses 0.34 (search valid_loss
+# epoch 1: 11.03 vs 7.26; training test_loss epoch 3: 0.088 vs 0.131), accuracies in the last epoch 2.8 points,
+# held-out accuracy before it 16.7 (search epoch 2: 53.1 vs 69.8 %, a network still far from settled), the
+# expected energy 2.2e-3 relative. Each tolerance is about twice the spread (losses 1.8x).
 TOLERANCE = {
-    "train_loss": (0.5, 0.0), "valid_loss": (0.5, 0.0), "test_loss": (0.5, 0.0),
-    "train_acc": (0.0, 5.0), "valid_acc": (0.0, 15.0), "test_acc": (0.0, 15.0),
-    "expected_energy_mj": (1e-3, 0.0), "energy_normalized": (1e-3, 0.0),
+    "train_loss": (0.6, 0.0), "valid_loss": (0.6, 0.0), "test_loss": (0.6, 0.0),
+    "train_acc": (0.0, 6.0), "valid_acc": (0.0, 6.0), "test_acc": (0.0, 6.0),
+    "expected_energy_mj": (5e-3, 0.0), "energy_normalized": (5e-3, 0.0),
 }
+EARLY = dict(TOLERANCE, valid_acc=(0.0, 35.0), test_acc=(0.0, 35.0))  # the epochs before the last
 # The alphas' move away from uniform, per epoch, against the recorded one: the ratio of the norms (measured 1.17)
-# and the cosine (measured 0.83). A 2x arch learning rate, frozen alphas or another direction fall outside.
+# and the cosine (measured down to 0.82). A 2x arch learning rate, frozen alphas or another direction fall outside.
 MOVED, ALIGNED = (0.6, 1.67), 0.5
 # alpha_entropy is within 4e-4 of log(8): its distance to log(8) is compared, as a ratio, within MOVED squared.
 MAX_ENTROPY = math.log(8)  # 8 primitives
@@ -48,10 +50,10 @@ def read(path: str):
         return json.load(f)
 
 
-def close(golden, value, key: str, where: str) -> None:
-    """`value` equals `golden`: exactly for non-floats, to TOLERANCE[key] or ANALYTIC for floats."""
+def close(golden, value, key: str, where: str, tolerance=None) -> None:
+    """`value` equals `golden`: exactly for non-floats, to tolerance[key] (TOLERANCE) or ANALYTIC for floats."""
     if isinstance(golden, float):
-        rel, abs_ = TOLERANCE.get(key, (ANALYTIC, 0.0))
+        rel, abs_ = (TOLERANCE if tolerance is None else tolerance).get(key, (ANALYTIC, 0.0))
         assert isinstance(value, float) and math.isclose(golden, value, rel_tol=rel, abs_tol=abs_), \
             f"{where}.{key}: {value!r}, recorded {golden!r} (tolerance rel {rel}, abs {abs_})"
     else:
@@ -62,10 +64,10 @@ def check_rows(golden_rows, rows, name: str) -> None:
     """metrics.jsonl: the same epochs and keys; every field as `close`, the derived cell's fields in range."""
     assert len(rows) == len(golden_rows), f"{name}: {len(rows)} epochs, recorded {len(golden_rows)}"
     for g, r in zip(golden_rows, rows):
-        where = f"{name} epoch {g['epoch']}"
+        where, tolerance = f"{name} epoch {g['epoch']}", TOLERANCE if g is golden_rows[-1] else EARLY
         assert set(r) - WALL_CLOCK == set(g) - WALL_CLOCK, f"{where}: keys {sorted(set(r) ^ set(g))} differ"
         for key in set(g) - WALL_CLOCK - DERIVED - {"alpha_entropy"}:
-            close(g[key], r[key], key, where)
+            close(g[key], r[key], key, where, tolerance)
         if "alpha_entropy" in g:
             ratio = (MAX_ENTROPY - r["alpha_entropy"]) / (MAX_ENTROPY - g["alpha_entropy"])
             assert MOVED[0] ** 2 <= ratio <= MOVED[1] ** 2, f"{where}: alpha_entropy {r['alpha_entropy']!r} is " \
