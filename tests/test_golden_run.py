@@ -24,17 +24,18 @@ ANALYTIC = 1e-6  # relative: schedules, MACs, energies of a fixed cell (room for
 
 # (relative, absolute) tolerance of the CPU-dependent floats, as math.isclose takes them (relative to the larger
 # value: rel 0.5 is a factor of 2). Widest spread measured against these files on this AMD EPYC (Zen 4, AVX-512)
-# with torch's threads 1 instead of 2 and ATEN_CPU_CAPABILITY=avx2 (issue 21): losses 0.34 (search valid_loss
-# epoch 1: 11.03 vs 7.26; training test_loss epoch 3: 0.088 vs 0.131), accuracies in the last epoch 2.8 points,
-# held-out accuracy before it 16.7 (search epoch 2: 53.1 vs 69.8 %, a network still far from settled), the
-# expected energy 2.2e-3 relative. Each tolerance is about twice the spread (losses 1.8x).
+# with torch's threads 1 instead of 2 and ATEN_CPU_CAPABILITY avx2 / default (issue 21): losses 0.51 (search
+# valid_loss epoch 3: 0.345 vs 0.170), accuracies in the last epoch 4.0 points (search valid_acc: 91.1 vs 95.1 %),
+# held-out accuracy before it 16.7 (search epoch 2: 53.1 vs 69.8 %, a network far from settled), the expected
+# energy 2.2e-3 relative. Tolerances: losses a factor of 4, accuracies 10 points (35 before the last epoch),
+# energies 5e-3: they catch a run that learns or prices differently, not a small change (compare_commits.py does).
 TOLERANCE = {
-    "train_loss": (0.6, 0.0), "valid_loss": (0.6, 0.0), "test_loss": (0.6, 0.0),
-    "train_acc": (0.0, 6.0), "valid_acc": (0.0, 6.0), "test_acc": (0.0, 6.0),
+    "train_loss": (0.75, 0.0), "valid_loss": (0.75, 0.0), "test_loss": (0.75, 0.0),
+    "train_acc": (0.0, 10.0), "valid_acc": (0.0, 10.0), "test_acc": (0.0, 10.0),
     "expected_energy_mj": (5e-3, 0.0), "energy_normalized": (5e-3, 0.0),
 }
 EARLY = dict(TOLERANCE, valid_acc=(0.0, 35.0), test_acc=(0.0, 35.0))  # the epochs before the last
-# The alphas' move away from uniform, per epoch, against the recorded one: the ratio of the norms (measured 1.17)
+# The alphas' move away from uniform, per epoch, against the recorded one: the ratio of the norms (measured 1.24)
 # and the cosine (measured down to 0.82). A 2x arch learning rate, frozen alphas or another direction fall outside.
 MOVED, ALIGNED = (0.6, 1.67), 0.5
 # alpha_entropy is within 4e-4 of log(8): its distance to log(8) is compared, as a ratio, within MOVED squared.
