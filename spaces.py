@@ -3,11 +3,11 @@ derivation (guards, budget projection), genotype format and files, the network `
 its price and its diagram. The scripts call these and never ask which space they run.
 
 - `darts`: DARTS's cells (normal and reduction, 14 edges, two inputs per node); model_search.py, model.py,
-  genotypes.py, derivation.py, model.py.
+  genotypes.py, derivation.py.
 - `nb201`: NAS-Bench-201's cell (4 nodes, 6 edges, one op per edge); the nb201/ package.
 
-`energy_network` is the seam the energy estimator's CLI uses (by name, lazily) to build the network of a genotype
-someone else measured.
+`energy_network` is the network builder `energy.py` hands the energy estimator's CLI, which builds the network of
+a genotype someone else measured with it (the estimator imports nothing of the project).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Draw the cells of a genotype as PNG and PDF, each edge labelled with its op and the op's estimated energy
-(mJ per image) in the network train.py builds from the genotype (cell_diagrams.py, nb201_energy.py draw them).
+(mJ per image) in the network train.py builds from the genotype (plumbing/cell_diagrams.py, nb201/pricing.py draw them).
 
     python visualize.py log/<run>/genotype.json --out log/<run>/cells     # or --arch DARTS_V2, or an NB201 arch
 

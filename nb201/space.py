@@ -276,7 +276,7 @@ def check_primitives(primitives: Sequence[str]) -> List[str]:
 
 
 class Supernet(SupernetMixin, _Skeleton):
-    """NB201's DARTS supernet, with model_search.Network's public methods (the architect and the runner use it
+    """NB201's DARTS supernet, with model_search.Network's public methods (the architect and the search use it
     unchanged). forward(x) -> (logits, expected energy of all cells' edges in J per sample). `layers` is N, the
     cells per stage. Partial channels (PC-DARTS's K) apply to every edge; NB201 keeps every edge, so there are no
     edge weights (betas): they would only scale an edge's row, which never changes its argmax."""

@@ -1,6 +1,6 @@
 """Small helpers the scripts share: safe file writes, seeding, devices, meters and the energy model. The shared
 flags and their defaults are in `options.py`, the CLI error and argparse types in `cliargs.py`, the life of a run
-(folder, log, checkpoints, resume, signals) in `runs.py` and `runner.py`, wandb in `tracker.py`."""
+(folder, log, checkpoints, resume, signals) in `runs.py` and `run.py`, wandb in `tracker.py`."""
 from __future__ import annotations
 
 import json

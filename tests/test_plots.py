@@ -53,7 +53,7 @@ def test_visualize_renders_darts_v2(tmp_path, backend):
 
 
 def test_dot_labels_carry_op_energies():
-    energies, _ = cell_diagrams.op_energies(G.DARTS_V2, known_info("cifar10"), 36, 20, EnergyEstimator.default())
+    energies, _ = op_energies(G.DARTS_V2, known_info("cifar10"), 36, 20, EnergyEstimator.default())
     assert len(energies["normal"]) == 8 and all(e > 0 for e in energies["normal"])
     sep, skip = energies["normal"][0], energies["normal"][5]  # sep_conv_3x3 vs skip_connect
     assert sep > 5 * skip
