@@ -147,7 +147,8 @@ def test_failed_replace_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_sigkill_between_temp_write_and_rename_loses_nothing(tmp_path):
     """A child writes a checkpoint, then is SIGKILLed inside the second save just before the rename."""
     code = f"""
-import os, signal, torch, runs, utils
+import os, signal, torch
+from plumbing import runs, utils
 path = {str(tmp_path / 'checkpoint.pt')!r}
 runs.save_checkpoint(path, "train", {{"epoch": 0, "w": torch.ones(3)}})
 def die(src, dst):
