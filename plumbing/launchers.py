@@ -26,7 +26,7 @@ import submitit
 from plumbing import jsonfile
 from plumbing.cliargs import CLIError, nonneg_int, positive_float, positive_int
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the scripts a sweep runs live there
 LAUNCHERS = ("local", "submitit-local", "slurm")
 PHASES = ("search", "training")
 SLURM_DEFAULTS = {"slurm_time": "24:00:00", "slurm_mem_gb": 32.0, "slurm_cpus_per_gpu": 8}
@@ -73,7 +73,7 @@ def run_step(step: Step) -> int:
     with open(step.log, "a", encoding="utf-8") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         _RUNNING[step.log] = proc
         try:
             return proc.wait()
@@ -348,7 +348,7 @@ def wait(executor: submitit.Executor, steps: List[Step], args: argparse.Namespac
     submitted again. Local: one job per free slot, the next submitted as one ends."""
     from tqdm import tqdm
     # The jobs unpickle SubmititStep from this module: put the project on their path, wherever pareto.py runs.
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)}
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     slurm = args.launcher == "slurm"
     slots = [()] if slurm else local_slots(args)
     queue, running = list(steps), {}
