@@ -137,9 +137,9 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def build(run: Run, ckpt: Optional[Dict[str, Any]]) -> SimpleNamespace:
+def build(run: Run) -> SimpleNamespace:
     """The training's parts: the genotype (the checkpoint's on resume), data, network, optimizer, schedule."""
-    a, device = run.args, run.device
+    a, device, ckpt = run.args, run.device, run.ckpt
     space = spaces.get(a.space)
     genotype = space.from_dict(runs.field(ckpt, "genotype", dict), "--resume checkpoint") if ckpt else load_genotype(a)
     size = a.image_size
@@ -192,7 +192,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: s
         return 0
     with run:
         a = run.args
-        s = build(run, run.ckpt)
+        s = build(run)
         run.restore(s.model, s.optimizer, s.scheduler)
         ddp = distributed.wrap(s.model, run.device)  # None without torchrun
         run.log.info(f"genotype = {s.space.describe(s.genotype)}\n{s.report.text()}")

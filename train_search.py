@@ -110,7 +110,8 @@ def build(run: Run) -> SimpleNamespace:
     costs = []  # per-op energies of the network train.py builds: measured once, the budget prices every step
 
     def cell_costs():
-        costs or costs.append(space.costs(a, info, run.estimator))
+        if not costs:
+            costs.append(space.costs(a, info, run.estimator))
         return costs[0]
     s.costs = cell_costs
     return s
