@@ -8,7 +8,7 @@ width it will have in the derived network.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -332,22 +332,26 @@ class Network(SupernetMixin, LayoutMixin, nn.Module):
                 out["edges_reduce"] = self._edge_weights(self.betas_reduce).tolist()
         return out
 
-    def derivation_weights(self) -> dict:
-        """What the derivation ranks: per cell kind, the (edges x ops) softmaxed alphas as nested lists, scaled by
-        the PC-DARTS edge weights with partial channels."""
+    def derivation_tensors(self) -> Dict[str, torch.Tensor]:
+        """What the derivation ranks: per cell kind, the (edges x ops) softmaxed alphas, scaled by the PC-DARTS
+        edge weights with partial channels (on the model's device, detached)."""
         with torch.no_grad():
             wn = F.softmax(self.alphas_normal, -1)
             wr = F.softmax(self.alphas_reduce, -1)
             if self.partial_channels > 1:
                 wn = wn * self._edge_weights(self.betas_normal)[:, None]
                 wr = wr * self._edge_weights(self.betas_reduce)[:, None]
-        return {"normal": wn.tolist(), "reduce": wr.tolist()}
+        return {"normal": wn, "reduce": wr}
+
+    def derivation_weights(self) -> dict:
+        """`derivation_tensors()` as nested lists (a read to the host)."""
+        return {kind: w.tolist() for kind, w in self.derivation_tensors().items()}
 
     def genotype(self, max_skip: Optional[int] = None, min_parametric: int = 0,
-                 actions: Optional[List[str]] = None) -> Genotype:
+                 actions: Optional[List[str]] = None, weights: Optional[dict] = None) -> Genotype:
         """DARTS's rule: per node the 2 strongest incoming edges, on each the strongest non-`none` op. With
         `max_skip` / `min_parametric` the normal cell is then guarded (`derivation.guard_derivation`; rewrites go
-        to `actions`); the defaults are plain DARTS."""
+        to `actions`); the defaults are plain DARTS. `weights`: `derivation_weights()` read already."""
         concat = range(2 + self.steps - self.multiplier, self.steps + 2)
-        return derive_genotype(self.derivation_weights(), self.primitives, self.steps, concat, max_skip,
+        return derive_genotype(weights or self.derivation_weights(), self.primitives, self.steps, concat, max_skip,
                                min_parametric, actions)

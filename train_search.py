@@ -106,7 +106,8 @@ def build(run: Run) -> SimpleNamespace:
                                                                              eta_min=a.learning_rate_min),
                         stopper=CollapseStopper(patience=a.patience) if a.early_stop else None,
                         budget=BudgetController(a.energy_budget, a.budget_rate) if a.energy_budget else None,
-                        benchmark=benchmark.load_table(a.benchmark) if a.benchmark else None)
+                        benchmark=benchmark.load_table(a.benchmark) if a.benchmark else None,
+                        derivation_weights=utils.HostCopy())  # --energy_budget: the alphas' cell, step by step
     costs = []  # per-op energies of the network train.py builds: measured once, the budget prices every step
 
     def cell_costs():
@@ -158,9 +159,12 @@ def search(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: 
                 utils.step_begin(a, run.device)
                 xv, yv = next(valid)
                 if epoch >= a.warmup_epochs:  # warm-up: the alphas (and Adam's state) stay as they are
-                    if s.budget is not None:
-                        s.architect.energy_weight = s.budget.update(s.costs().total(guarded(s, a)))
+                    if s.budget is not None:  # lambda from the cell of the alphas now, read without a stall
+                        weights = s.derivation_weights.get()
+                        s.architect.energy_weight = s.budget.update(s.costs().total(guarded(s, a, weights=weights)))
                     run.check(s.architect.step(x, y, xv, yv, lr, s.optimizer), "architecture loss")
+                    if s.budget is not None:  # the next step's: queued now, on the host by then
+                        s.derivation_weights.start(s.model.derivation_tensors())
                 logits, loss = weight_step(s.model, s.weights, s.optimizer, x, y, a.grad_clip, run.check, ddp,
                                            run.autocast)
                 run.record(logits, loss, y)
@@ -203,9 +207,11 @@ def derive(s: SimpleNamespace, a: argparse.Namespace, run: Run, row: Dict[str, A
     return genotype
 
 
-def guarded(s: SimpleNamespace, a: argparse.Namespace, actions: Optional[List[str]] = None):
-    """The derived genotype, guarded by --max_skip / --min_parametric."""
-    return s.model.genotype(a.max_skip, a.min_parametric, actions)
+def guarded(s: SimpleNamespace, a: argparse.Namespace, actions: Optional[List[str]] = None,
+            weights: Optional[dict] = None):
+    """The derived genotype, guarded by --max_skip / --min_parametric (`weights`: the model's derivation weights,
+    read already)."""
+    return s.model.genotype(a.max_skip, a.min_parametric, actions, weights)
 
 
 # ---------------------------------------------------------------------------------------- state and files

@@ -8,7 +8,7 @@
 #    host syncs per step, CUDA syncs counted by torch.cuda.set_sync_debug_mode("warn")  -> search_step*.{txt,json}
 # 2. a 1-epoch search on CIFAR-shaped random images and its projected 50-epoch CIFAR-10 time  -> search_epoch.txt
 # 3. the train.py step bench (DARTS_V2, fp32 / channels_last / bf16)                           -> train_step.txt
-# 4. a 1-GPU torchrun smoke run (NCCL on CUDA, gloo on the CPU)                                 -> torchrun.txt
+# 4. a 1-GPU torchrun smoke run (NCCL on CUDA, gloo on the CPU), with an energy budget          -> torchrun.txt
 # 5. a Zeus energy measurement of one network (latency x watts on the CPU)                      -> zeus.txt
 # Each step's exit status goes to status.txt; a failing step does not stop the others.
 set -u
@@ -81,10 +81,10 @@ tail -n 1 "$OUT_DIR/search_epoch.txt"
 # 3. train.py's step
 run train_step python bench/train_step.py --device "$DEVICE" $TRAIN --json "$OUT_DIR/train_step.json"
 
-# 4. torchrun on one process (NCCL on CUDA)
+# 4. torchrun on one process (NCCL on CUDA), with --energy_budget (its per-step read of the alphas: utils.HostCopy)
 run torchrun python -m torch.distributed.run --standalone --nproc_per_node 1 train_search.py --dataset digits \
     --device "$DEVICE" --epochs 1 --init_channels 4 --layers 3 --log_dir "$OUT_DIR/runs" --run_name torchrun \
-    --wandb disabled
+    --energy_budget 0.3 --wandb disabled
 
 # 5. energy of one network, measured (Zeus on a GPU; latency x 15 W on the CPU dry run)
 run zeus python - "$DEVICE" "$NB_CH" "$NB_LAYERS" <<'EOF'

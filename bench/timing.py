@@ -71,8 +71,9 @@ class DispatchCount:
     syncs (`_local_scalar_dense`: `.item()`, `float(t)`, `bool(t)`, `tolist()` of device tensors) and copies of host
     data onto the device (`lift_fresh`: `torch.tensor(python data)`, an H2D copy on an accelerator, plus copies
     from a CPU tensor to another device). `with DispatchCount() as c: step()` then `c.ops`, `c.syncs`, `c.h2d`.
-    A scalar read inside torch.optim is not counted as a sync: it reads the optimizers' step counters, which live on
-    the host on a GPU too (unless capturable/fused), so it stalls nothing there."""
+    A scalar read inside torch.optim is not counted as a sync, nor a tensor made there from host data as a copy: both
+    are the optimizers' step counters, which live on the host on a GPU too (unless capturable/fused), so they stall
+    and copy nothing there."""
 
     def __init__(self) -> None:
         self.ops = self.syncs = self.h2d = 0
@@ -92,8 +93,8 @@ class DispatchCount:
                 counter.ops += 1
                 if func is aten._local_scalar_dense.default:
                     counter.syncs += not _in_optimizer()
-                elif func is aten.lift_fresh.default:
-                    counter.h2d += 1
+                elif func is aten.lift_fresh.default:  # (torch.optim's: `torch.tensor(1.0, device="cpu")`,
+                    counter.h2d += not _in_optimizer()   # added to the host-side step counters)
                 elif func in copies:
                     src = args[1] if func is aten.copy_.default else args[0]
                     dst = device_of(args[0]) if func is aten.copy_.default else kwargs.get("device")

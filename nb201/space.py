@@ -320,18 +320,23 @@ class Supernet(SupernetMixin, _Skeleton):
 
     def softmaxed_alphas(self) -> Dict[str, List[List[float]]]:
         """Softmaxed alphas, edges x ops, for alphas.json (one cell kind: `cell`)."""
+        return {"cell": self.derivation_tensors()["cell"].tolist()}
+
+    def derivation_tensors(self) -> Dict[str, torch.Tensor]:
+        """What derivation ranks: the softmaxed alphas (no edge weights in NB201), on the model's device."""
         with torch.no_grad():
-            return {"cell": F.softmax(self.alphas, -1).tolist()}
+            return {"cell": F.softmax(self.alphas, -1)}
 
     def derivation_weights(self) -> Dict[str, List[List[float]]]:
-        """What derivation ranks: the softmaxed alphas (no edge weights in NB201)."""
+        """`derivation_tensors()` as nested lists (a read to the host)."""
         return self.softmaxed_alphas()
 
     def genotype(self, max_skip: Optional[int] = None, min_parametric: int = 0,
-                 actions: Optional[List[str]] = None) -> str:
-        """The derived arch string: `derive_arch` (strongest op per edge, output kept connected) then the guards."""
-        return format_arch(derive_arch(self.derivation_weights()["cell"], self.primitives, max_skip, min_parametric,
-                                       actions))
+                 actions: Optional[List[str]] = None, weights: Optional[dict] = None) -> str:
+        """The derived arch string: `derive_arch` (strongest op per edge, output kept connected) then the guards.
+        `weights`: `derivation_weights()` read already."""
+        return format_arch(derive_arch((weights or self.derivation_weights())["cell"], self.primitives, max_skip,
+                                       min_parametric, actions))
 
 
 # ------------------------------------------------------------------------------------------------- derivation

@@ -113,6 +113,38 @@ def step_begin(args, device: torch.device) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+class HostCopy:
+    """Device tensors read on the host without stalling the step that needs them: `start(tensors)` queues their
+    copies into pinned host buffers (non-blocking, an event after them) and returns at once; `get()` waits for
+    that event only, long done when the host runs ahead of the GPU, and returns the copies as nested lists (None
+    before the first `start`). On the CPU `start` copies at once."""
+
+    def __init__(self) -> None:
+        self._host: Dict[str, torch.Tensor] = {}
+        self._event = None
+        self._started = False
+
+    def start(self, tensors: Dict[str, torch.Tensor]) -> None:
+        cuda = False
+        for name, t in tensors.items():
+            host = self._host.get(name)
+            if host is None or host.shape != t.shape or host.dtype != t.dtype:
+                host = self._host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            host.copy_(t.detach(), non_blocking=t.is_cuda)
+            cuda |= t.is_cuda
+        self._event = torch.cuda.Event() if cuda else None
+        if self._event is not None:
+            self._event.record()
+        self._started = True
+
+    def get(self) -> Optional[Dict[str, list]]:
+        if not self._started:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        return {name: host.tolist() for name, host in self._host.items()}
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on `device` when enabled (a no-op context otherwise). Open it around one forward and its loss,
     never around a loop: autocast caches the bf16 copy of every weight until the context exits, so a context over

@@ -220,3 +220,47 @@ def test_energy_table_follows_the_ops_energies():
     _, energy3 = net(x)
     assert float(energy3) == pytest.approx(3 * float(energy), rel=1e-5)
     assert net.energy_bounds() == pytest.approx((3 * lo, 3 * hi), rel=1e-9)
+
+
+def test_host_copy_keeps_what_was_started():
+    """`HostCopy.get()` returns the values of `start()` as lists, even when the tensors change afterwards (the
+    alphas' next step updates them in place); None before any start."""
+    copy_ = utils.HostCopy()
+    assert copy_.get() is None
+    w = torch.tensor([[0.25, 0.75]])
+    copy_.start({"normal": w})
+    w.add_(1.0)
+    assert copy_.get() == {"normal": [[0.25, 0.75]]}
+    copy_.start({"normal": w})
+    assert copy_.get() == {"normal": [[1.25, 1.75]]}
+
+
+def test_budget_steps_read_the_alphas_without_a_stall(tmp_path, monkeypatch):
+    """With --energy_budget each step prices the cell the alphas derive; it reads them from the copy the last step
+    queued (`HostCopy`), not with a read to the host of its own: the model's `derivation_weights()` (the host read)
+    then runs at the run's first budget step and at each epoch's end only, and the multiplier's path is the same as
+    reading the alphas every step."""
+    import json
+    import model_search
+    import train_search
+    flags = ["--dataset", "digits", "--layers", "3", "--init_channels", "4", "--batch_size", "96", "--wandb",
+             "disabled", "--primitives", "none,max_pool_3x3,skip_connect,sep_conv_3x3", "--eval_channels", "4",
+             "--eval_layers", "3", "--epochs", "2", "--train_portion", "0.5", "--energy_budget", "0.05",
+             "--budget_rate", "0.5", "--log_dir", str(tmp_path)]
+    reads, real = [], model_search.Network.derivation_weights
+    monkeypatch.setattr(model_search.Network, "derivation_weights", lambda self: reads.append(1) or real(self))
+    steps = []
+    real_update = train_search.BudgetController.update
+    monkeypatch.setattr(train_search.BudgetController, "update",
+                        lambda self, e: steps.append(e) or real_update(self, e))
+    assert train_search.main(flags + ["--run_name", "queued"]) == 0
+    queued_reads, queued_energies = len(reads), list(steps)
+    lam = [json.loads(line)["budget_lambda"] for line in open(tmp_path / "queued" / "metrics.jsonl")]
+    # the same run reading the alphas on every step
+    monkeypatch.setattr(utils.HostCopy, "get", lambda self: None)
+    reads.clear(), steps.clear()
+    assert train_search.main(flags + ["--run_name", "every_step"]) == 0
+    assert len(queued_energies) >= 8 and queued_energies == steps
+    assert lam == [json.loads(line)["budget_lambda"] for line in open(tmp_path / "every_step" / "metrics.jsonl")]
+    per_epoch_end = (len(reads) - len(steps)) / 2  # the reads of derive() at an epoch's end
+    assert queued_reads == 1 + 2 * per_epoch_end < len(reads)
