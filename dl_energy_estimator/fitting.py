@@ -34,6 +34,8 @@ from .defaults import FAMILIES, FEATURES
 
 COLUMNS = [(fam, k) for fam in FAMILIES for k in range(len(FEATURES))]
 STRUCTURES = ("global", "feature", "family", "calls", "family_calls", "full")
+LAUNCHES = "launches"  # evidence only: per-family factors on the calls alone (compute and memory priced at 0)
+EVIDENCE_STRUCTURES = STRUCTURES + (LAUNCHES,)
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 TIE = 0.005       # cross-validated Spearman differences below this are noise at tens of samples
 MIN_CV = 8        # fewer samples than this: no cross-validation, the scaled prior
@@ -72,7 +74,7 @@ class Candidate:
     @property
     def complexity(self) -> tuple[int, int, float]:
         """Sort key, simplest first (a larger ridge is simpler)."""
-        return STRUCTURES.index(self.structure), int(self.intercept), -self.ridge
+        return EVIDENCE_STRUCTURES.index(self.structure), int(self.intercept), -self.ridge
 
 
 def candidates(ridges: Sequence[float] = RIDGES, structures: Sequence[str] = STRUCTURES,
@@ -100,12 +102,19 @@ def groups(structure: str, active: Sequence[int]) -> list[list[int]]:
         fam, k = COLUMNS[j]
         call = k == FEATURES.index("e_call")
         return {"global": 0, "feature": k, "family": fam, "calls": fam if call else "",
-                "family_calls": (fam, call), "full": j}[structure]
+                "family_calls": (fam, call), "full": j, LAUNCHES: fam}[structure]
 
     out: dict = {}
     for j in active:
         out.setdefault(key(j), []).append(j)
     return list(out.values())
+
+
+def structure_design(A: np.ndarray, structure: str) -> np.ndarray:
+    """The columns a structure prices: all of them, or (``launches``) the calls alone."""
+    if structure != LAUNCHES:
+        return A
+    return A * np.array([k == FEATURES.index("e_call") for _, k in COLUMNS], dtype=float)
 
 
 def check_values(y: np.ndarray) -> None:
@@ -195,7 +204,7 @@ def evidence(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool) -> d
     Returns {"taus", "log_ev" (per tau), "sigmas" (the best per tau), "log_evidence" (integrated over the tau
     grid, log-uniform), "scale", "groups"}. Linear algebra on the n x (groups + 1) factor, so n may be large."""
     n = len(y)
-    Aw = A / y[:, None]
+    Aw = structure_design(A, structure) / y[:, None]
     active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
     s, c0 = _anchor(Aw, y, active, intercept)
     grp = [list(active)] if structure == "global" else groups(structure, active)
@@ -234,9 +243,9 @@ def shrink_fit(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool, ev
     non-negative ridge solutions at ``sigma(tau)^2 / tau^2``, weighted by their evidence; and the evidence."""
     y = np.asarray(y, dtype=float)
     ev = ev or evidence(A, y, structure, intercept)
-    Aw = A / y[:, None]
+    Aw = structure_design(A, structure) / y[:, None]
     active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
-    base = np.full(len(COLUMNS), ev["scale"])
+    base = structure_design(np.full((1, len(COLUMNS)), ev["scale"]), structure)[0]
     grp = [list(active)] if structure == "global" else groups(structure, active)
     w = np.exp(ev["log_ev"] - ev["log_ev"].max())
     w[w < MIN_WEIGHT] = 0.0
@@ -352,7 +361,7 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
     the candidate of the largest weight, "tau", "sigma": the top structure's})."""
     y = np.asarray(y, dtype=float)
     rows, evs = [], []
-    for st in STRUCTURES:
+    for st in EVIDENCE_STRUCTURES:
         for ic in ((False, True) if constant else (False,)):
             ev = evidence(A, y, st, ic)
             k = int(np.argmax(ev["log_ev"]))
@@ -365,11 +374,14 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
     w[w < MIN_WEIGHT] = 0.0
     w /= w.sum()
     m, c, top_info = np.zeros(len(COLUMNS)), 0.0, {}
-    top = int(np.argmax(w))
-    second = max((float(w[i]) for i in range(len(rows)) if i != top), default=0.0)
-    if rows[top]["structure"] == "global" and w[top] >= KEEP_PRIOR * second:
-        # the scaled prior is clearly the likeliest model: keep it whole (the others, shrunk toward it, would only
-        # blur its ranking by their share of noise); when it is only about as likely, the average hedges
+    centred = [i for i, r in enumerate(rows) if r["structure"] != LAUNCHES]  # those around the scaled prior
+    top = max(centred, key=lambda i: w[i])
+    second = max((float(w[i]) for i in centred if i != top), default=0.0)
+    rival = max((float(w[i]) for i in range(len(rows)) if i not in centred), default=0.0)
+    if rows[top]["structure"] == "global" and w[top] >= KEEP_PRIOR * second and rival < KEEP_PRIOR * w[top]:
+        # the scaled prior is clearly the likeliest model around itself, and the launch-count model (another
+        # centre) is not clearly likelier: keep it whole (the others, shrunk toward it, would only blur its ranking
+        # by their share of noise); when it is only about as likely, the average hedges
         w = np.eye(len(rows))[top]
     else:
         # not clearly the likeliest: the fitted structures share the model without it. Each already holds the
