@@ -374,8 +374,8 @@ def _keep_prior(rows: list[dict], w: np.ndarray) -> tuple[bool, int, str]:
         return False, top, f"the scaled prior left out: not {KEEP_PRIOR:g} times as likely as {rows[second]['name']}"
     if rival is not None and w[rival] >= KEEP_PRIOR * w[top]:
         return False, top, f"the scaled prior left out: {rows[rival]['name']} is {KEEP_PRIOR:g} times as likely"
-    return True, top, (f"the scaled prior kept whole: {KEEP_PRIOR:g} times as likely as every other structure around "
-                  "it, and the launch-count model not that much likelier")
+    return True, top, (f"the scaled prior kept whole: {KEEP_PRIOR:g} times as likely as every other structure "
+                       "around it, and the launch-count model not that much likelier")
 
 
 def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[np.ndarray, float, dict]:
