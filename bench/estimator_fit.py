@@ -24,6 +24,7 @@ import os
 import random
 import statistics
 import sys
+from collections import Counter
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def table(title: str, rows: list[tuple[str, dict]]) -> str:
         if has240:
             ok.append("yes" if (np.mean(r["fit240"]) >= np.mean(r["fit60"]) - P.TOL
                                 and min(r["fit240"]) >= min(r["fit60"]) - P.TOL) else "NO")
-        common = max(set(r["chosen"][60]), key=r["chosen"][60].count)
+        common = Counter(r["chosen"][60]).most_common(1)[0][0]  # ties: the first drawn
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(ok)} | {common} |")
     return "\n".join(lines)
 
@@ -161,7 +162,7 @@ def real_table(results: dict, draws: int) -> str:
             r = res[n]
             ok = min(r["fit"]) >= min(r["nnls"]) - 0.01 and min(r["fit"]) >= min(r["default"]) - P.TOL
             okb = min(r["bank"]) >= min(r["nnls"]) - 0.01 and min(r["bank"]) >= min(r["default"]) - P.TOL
-            common = max(set(r["prior"]), key=r["prior"].count)
+            common = Counter(r["prior"]).most_common(1)[0][0]  # ties: the first drawn (not set order)
             means[n].append(np.mean(r["bank"]))
             lines.append(f"| {dev} | {n} | {f(r['default'])} | {f(r['fit'])} | {f(r['bank'])} | {f(r['nnls'])} | "
                          f"{f(r['flops'])} | {'yes' if ok else 'NO'}{'' if okb else ' (bank NO)'} | {common} |")

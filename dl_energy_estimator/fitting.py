@@ -12,9 +12,14 @@ a Gaussian prior ``v ~ N(1, tau^2)``; the measurements' relative errors are Gaus
 structure (with and without a constant ``+c``: what every network pays whatever its layers -- input copy,
 synchronisation, a launch floor; reported in ``fit``, not part of the per-layer model) the marginal likelihood
 (*evidence*) of the measurements is computed on a grid of ``(sigma, tau)``; the structures are averaged with
-weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform), the scaled prior (``global``) kept whole when it is at least KEEP_PRIOR
-times as likely as every other structure and left out of the average otherwise, and each one's factors are the average over
-``tau`` (weighted by the evidence) of the non-negative ridge solutions at ``ridge = sigma^2 / tau^2``. So 10 clean measurements that the
+weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform), and each one's factors are the average over
+``tau`` (weighted by the evidence) of the non-negative ridge solutions at ``ridge = sigma^2 / tau^2``. One more
+structure, evidence only, has another centre: ``launches``, per-family factors on the prior's call energies
+alone (compute and memory priced at 0), scaled to the data -- the shape of counting kernels (a GPU at batch 1 is
+paid per launch; on NB201 networks it spans the op-count regression), which the prior-centred structures reach
+only through large, unlikely factors. The scaled prior (``global``) is kept whole when it is at least KEEP_PRIOR
+times as likely as every other structure around it and the launch-count model is not KEEP_PRIOR times as likely
+as it; otherwise it is left out of the average. So 10 clean measurements that the
 prior cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose scatter
 is noise (``tau`` near 0 explains them as well) leave the scaled prior. Deterministic (no randomness in the
 choice); the seeded cross-validation (``cross_validate``) is a report: every structure and ridge of a fixed path,
@@ -34,6 +39,8 @@ from .defaults import FAMILIES, FEATURES
 
 COLUMNS = [(fam, k) for fam in FAMILIES for k in range(len(FEATURES))]
 STRUCTURES = ("global", "feature", "family", "calls", "family_calls", "full")
+LAUNCHES = "launches"  # evidence only: per-family factors on the calls alone (compute and memory priced at 0)
+EVIDENCE_STRUCTURES = STRUCTURES + (LAUNCHES,)
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 TIE = 0.005       # cross-validated Spearman differences below this are noise at tens of samples
 MIN_CV = 8        # fewer samples than this: no cross-validation, the scaled prior
@@ -72,7 +79,7 @@ class Candidate:
     @property
     def complexity(self) -> tuple[int, int, float]:
         """Sort key, simplest first (a larger ridge is simpler)."""
-        return STRUCTURES.index(self.structure), int(self.intercept), -self.ridge
+        return EVIDENCE_STRUCTURES.index(self.structure), int(self.intercept), -self.ridge
 
 
 def candidates(ridges: Sequence[float] = RIDGES, structures: Sequence[str] = STRUCTURES,
@@ -100,12 +107,19 @@ def groups(structure: str, active: Sequence[int]) -> list[list[int]]:
         fam, k = COLUMNS[j]
         call = k == FEATURES.index("e_call")
         return {"global": 0, "feature": k, "family": fam, "calls": fam if call else "",
-                "family_calls": (fam, call), "full": j}[structure]
+                "family_calls": (fam, call), "full": j, LAUNCHES: fam}[structure]
 
     out: dict = {}
     for j in active:
         out.setdefault(key(j), []).append(j)
     return list(out.values())
+
+
+def structure_design(A: np.ndarray, structure: str) -> np.ndarray:
+    """The columns a structure prices: all of them, or (``launches``) the calls alone."""
+    if structure != LAUNCHES:
+        return A
+    return A * np.array([k == FEATURES.index("e_call") for _, k in COLUMNS], dtype=float)
 
 
 def check_values(y: np.ndarray) -> None:
@@ -195,7 +209,7 @@ def evidence(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool) -> d
     Returns {"taus", "log_ev" (per tau), "sigmas" (the best per tau), "log_evidence" (integrated over the tau
     grid, log-uniform), "scale", "groups"}. Linear algebra on the n x (groups + 1) factor, so n may be large."""
     n = len(y)
-    Aw = A / y[:, None]
+    Aw = structure_design(A, structure) / y[:, None]
     active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
     s, c0 = _anchor(Aw, y, active, intercept)
     grp = [list(active)] if structure == "global" else groups(structure, active)
@@ -234,9 +248,9 @@ def shrink_fit(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool, ev
     non-negative ridge solutions at ``sigma(tau)^2 / tau^2``, weighted by their evidence; and the evidence."""
     y = np.asarray(y, dtype=float)
     ev = ev or evidence(A, y, structure, intercept)
-    Aw = A / y[:, None]
+    Aw = structure_design(A, structure) / y[:, None]
     active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
-    base = np.full(len(COLUMNS), ev["scale"])
+    base = structure_design(np.full((1, len(COLUMNS)), ev["scale"]), structure)[0]
     grp = [list(active)] if structure == "global" else groups(structure, active)
     w = np.exp(ev["log_ev"] - ev["log_ev"].max())
     w[w < MIN_WEIGHT] = 0.0
@@ -345,14 +359,34 @@ def select(rows: list[dict], tie: float = TIE, z: float = 1.0, z_in: float = Z_I
     return min(tied, key=lambda i: (round(rows[i]["cv_median_rel_error"], 4), i))
 
 
+def _keep_prior(rows: list[dict], w: np.ndarray) -> tuple[bool, int, str]:
+    """Whether the scaled prior (``global``, with or without a constant) is kept whole, the likeliest structure
+    around the scaled prior, and why. Kept whole when it is that structure by a factor KEEP_PRIOR over the next
+    one, and the launch-count model (another centre: it does not hold the scaled prior) is not KEEP_PRIOR times
+    as likely as it (the default is kept unless the data clearly say otherwise)."""
+    centred = [i for i, r in enumerate(rows) if r["structure"] != LAUNCHES]
+    top = max(centred, key=lambda i: w[i])
+    second = max((i for i in centred if i != top), key=lambda i: w[i])
+    rival = max((i for i in range(len(rows)) if i not in centred), key=lambda i: w[i], default=None)
+    if rows[top]["structure"] != "global":
+        return False, top, f"the scaled prior left out: {rows[top]['name']} is likelier"
+    if w[top] < KEEP_PRIOR * w[second]:
+        return False, top, f"the scaled prior left out: not {KEEP_PRIOR:g} times as likely as {rows[second]['name']}"
+    if rival is not None and w[rival] >= KEEP_PRIOR * w[top]:
+        return False, top, f"the scaled prior left out: {rows[rival]['name']} is {KEEP_PRIOR:g} times as likely"
+    return True, top, (f"the scaled prior kept whole: {KEEP_PRIOR:g} times as likely as every other structure "
+                       "around it, and the launch-count model not that much likelier")
+
+
 def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[np.ndarray, float, dict]:
     """Every structure (with a constant too, if ``constant``), each shrunk by :func:`shrink_fit`, averaged with
     weights ``exp(log evidence)`` (Bayesian model averaging: two structures the data cannot tell apart share the
-    model instead of a coin flip choosing one). Returns (multipliers, constant, {"rows": per structure, "top":
-    the candidate of the largest weight, "tau", "sigma": the top structure's})."""
+    model instead of a coin flip choosing one); the scaled prior is kept whole or left out (:func:`_keep_prior`).
+    Returns (multipliers, constant, {"rows": per structure, "top": the candidate of the largest weight, "tau",
+    "sigma": the top structure's, "reason": why the scaled prior was kept or left out})."""
     y = np.asarray(y, dtype=float)
     rows, evs = [], []
-    for st in STRUCTURES:
+    for st in EVIDENCE_STRUCTURES:
         for ic in ((False, True) if constant else (False,)):
             ev = evidence(A, y, st, ic)
             k = int(np.argmax(ev["log_ev"]))
@@ -365,16 +399,16 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
     w[w < MIN_WEIGHT] = 0.0
     w /= w.sum()
     m, c, top_info = np.zeros(len(COLUMNS)), 0.0, {}
-    top = int(np.argmax(w))
-    second = max((float(w[i]) for i in range(len(rows)) if i != top), default=0.0)
-    if rows[top]["structure"] == "global" and w[top] >= KEEP_PRIOR * second:
-        # the scaled prior is clearly the likeliest model: keep it whole (the others, shrunk toward it, would only
-        # blur its ranking by their share of noise); when it is only about as likely, the average hedges
+    keep, top, reason = _keep_prior(rows, w)
+    if keep:
+        # keep it whole: the others, shrunk toward it, would only blur its ranking by their share of noise; when
+        # it is only about as likely, the average hedges
         w = np.eye(len(rows))[top]
     else:
-        # not clearly the likeliest: the fitted structures share the model without it. Each already holds the
-        # scaled prior as its tau -> 0 limit; a share of the whole scaled prior on top pulls the ranking back to
-        # the default's when the data say it is not the model (10 samples of a device 8 % off the prior)
+        # not clearly the likeliest: the fitted structures share the model without it. Each one around the
+        # scaled prior already holds it as its tau -> 0 limit; a share of the whole scaled prior on top pulls the
+        # ranking back to the default's when the data say it is not the model (10 samples of a device 8 % off the
+        # prior). The launch-count model shares it by its evidence like the others.
         for i, r in enumerate(rows):
             if r["structure"] == "global":
                 w[i] = 0.0
@@ -391,7 +425,7 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
             top_info = info
     cand = (Candidate("global", rows[top]["intercept"]) if w[top] == 1.0 and rows[top]["structure"] == "global"
             else Candidate(rows[top]["structure"], rows[top]["intercept"], toward="evidence", constant=constant))
-    return m, c, {"rows": rows, "top": cand, "tau": top_info["tau"], "sigma": top_info["sigma"]}
+    return m, c, {"rows": rows, "top": cand, "tau": top_info["tau"], "sigma": top_info["sigma"], "reason": reason}
 
 
 def fit_cv(A: np.ndarray, y: np.ndarray, seed: int = 0, constant: bool = True, folds: int = 5, repeats: int = 2,
@@ -422,8 +456,10 @@ def fit_cv(A: np.ndarray, y: np.ndarray, seed: int = 0, constant: bool = True, f
         stats.update({"method": "evidence", "evidence": ev_rows, "tau": info["tau"], "sigma": info["sigma"],
                       "ridge": float(info["sigma"] ** 2 / info["tau"] ** 2) if info["tau"] > 0 else None,
                       "why": "average of " + ", ".join(f"{r['name']} {r['weight']:.2f}" for r in used)
-                             + f" (weights: evidence); {used[0]['name']}'s factors ~ N(1, {info['tau']:.3g}^2) "
-                               f"around the scaled prior, relative noise {info['sigma']:.3g}"})
+                             + f" (weights: evidence; {info['reason']}); {used[0]['name']}'s factors ~ N(1, "
+                               f"{info['tau']:.3g}^2) around the scaled "
+                             + ("prior's call energies (compute and memory at 0)" if chosen.structure == LAUNCHES
+                                else "prior") + f", relative noise {info['sigma']:.3g}"})
         rows = cross_validate(A, y, cands, folds, repeats, seed) if report and len(y) >= MIN_CV else []
         k = next((i for i, cd in enumerate(cands) if cd.name == chosen.name), 0)
     else:

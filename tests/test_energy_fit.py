@@ -63,8 +63,10 @@ def test_fit_is_deterministic_and_records_every_candidate(pool):
     stats = a.fit_stats
     names = [r["name"] for r in stats["candidates"]]
     assert len(names) == len(set(names)) > 40 and stats["chosen"] in names and names[0] == "global"
-    assert {"global", "feature", "family", "calls", "family_calls", "full"} == {r["structure"] for r in
-                                                                                 stats["candidates"]}
+    # the fixed-ridge structures, and the evidence's choice (which may be ``launches``, an evidence-only one)
+    structures = {r["structure"] for r in stats["candidates"]}
+    assert {"global", "feature", "family", "calls", "family_calls", "full"} <= structures
+    assert structures <= {"global", "feature", "family", "calls", "family_calls", "full", "launches"}
     for r in stats["candidates"]:
         assert -1 <= r["cv_spearman"] <= 1 and r["cv_median_rel_error"] >= 0 and r["gain_sd"] >= 0
     chosen = next(r for r in stats["candidates"] if r["name"] == stats["chosen"])

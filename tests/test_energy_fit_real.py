@@ -49,6 +49,31 @@ def test_fit_worst_draw_vs_op_counts_and_default(table, device):
     assert device not in r[10]["prior"]
 
 
+def test_launch_count_model_keeps_a_noisier_gpu_at_the_op_counts(table):
+    """1080ti_1 with 4 % measurement noise (the op-count model's residual on 1080ti_32 and titan_rtx_1, the GPUs
+    where the fit fell below the op counts at n=10; 2 % on 1080ti_1), 6 noise seeds x 5 draws of n=10: the fit's
+    worst draw is at least the op-count NNLS's (less TOL) and the default's. Without the ``launches`` structure
+    (the default-centred ones only) the worst draw of noise seed 1 was 0.956 against the op counts' 0.969."""
+    from estimator_fit import _coef_vector, _raw_features, op_count_nnls
+    feats, counts, _, cols, Y = table
+    X, est = _raw_features(feats), EnergyEstimator.default()
+    for noise in range(6):
+        y = Y[:, cols.index("1080ti_1")] * np.exp(0.04 * np.random.default_rng(noise).standard_normal(len(Y)))
+        r = {"fit": [], "nnls": [], "default": []}
+        launches = 0.0
+        for d in range(5):
+            perm = np.random.default_rng([0, d, 10]).permutation(len(y))
+            tr, te = perm[:10], perm[10:]
+            fit = est.fit_features([feats[i] for i in tr], y[tr], report=False)
+            launches += sum(e["weight"] for e in fit.fit_stats["evidence"] if e["structure"] == "launches")
+            r["fit"].append(spearman(X[te] @ _coef_vector(fit), y[te]))
+            r["nnls"].append(spearman(op_count_nnls(counts[tr], y[tr], counts[te]), y[te]))
+            r["default"].append(spearman(X[te] @ _coef_vector(est), y[te]))
+        msg = (noise, {k: np.round(v, 3).tolist() for k, v in r.items()})
+        assert min(r["fit"]) >= min(r["nnls"]) - TOL and min(r["fit"]) >= min(r["default"]), msg
+        assert launches > 1.0, msg  # the launch-count model holds a share of the average (a GPU at batch 1)
+
+
 def test_clean_measurements_move_the_model_noisy_ones_do_not(table):
     """10 clean measurements of a device the default ranks badly move the factors; the same device with 30 %
     noise keeps (about) the scaled prior; stats say why."""
