@@ -264,3 +264,21 @@ def test_budget_steps_read_the_alphas_without_a_stall(tmp_path, monkeypatch):
     assert lam == [json.loads(line)["budget_lambda"] for line in open(tmp_path / "every_step" / "metrics.jsonl")]
     per_epoch_end = (len(reads) - len(steps)) / 2  # the reads of derive() at an epoch's end
     assert queued_reads == 1 + 2 * per_epoch_end < len(reads)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_without_the_batch_counter_equals_torchs(momentum):
+    """`layout.BatchNorm2d` with a momentum skips `num_batches_tracked.add_(1)` (read only by the cumulative
+    average): outputs, gradients and running statistics equal torch's BatchNorm2d, the counter stays at 0; with
+    `momentum=None` it counts, as torch's does."""
+    from plumbing.layout import BatchNorm2d
+    ours, theirs = BatchNorm2d(6, momentum=momentum), torch.nn.BatchNorm2d(6, momentum=momentum)
+    theirs.load_state_dict(ours.state_dict())
+    for seed in range(3):
+        x = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        a, b = ours(x), theirs(x)
+        assert torch.equal(a, b)
+        assert torch.equal(*(torch.autograd.grad(o.square().sum(), x)[0] for o in (a, b)))
+    assert torch.equal(ours.running_mean, theirs.running_mean) and torch.equal(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == (0 if momentum else 3) and int(theirs.num_batches_tracked) == 3
+    assert set(ours.state_dict()) == set(theirs.state_dict())
