@@ -224,11 +224,14 @@ def space_of_genotype(spec: Optional[str]) -> Optional[str]:
 
 
 def energy_network(space: str, genotype: Any, input_shape: Sequence[int], num_classes: int = 10,
-                   channels: Optional[int] = None, layers: Optional[int] = None) -> nn.Module:
+                   channels: Optional[int] = None, layers: Optional[int] = None,
+                   reference: bool = False) -> nn.Module:
     """The evaluation network of `genotype` in `space`, in eval mode, for an input of `input_shape` (C, H, W) or
     (N, C, H, W). darts: a genotype.json object (dict) or a named genotype (str); width and depth from its meta
     (`eval_channels`, `eval_layers`) unless given, else DARTS's 36 / 20. nb201: an NB201 arch string; 16 channels
-    and 5 cells per stage unless given. Bad input is a CLIError naming what is wrong."""
+    and 5 cells per stage unless given. `reference`: the network as the space's reference code runs it (nb201:
+    NAS-Bench-201's, which executes `none` edges; darts: DARTS's code builds the same network). Bad input is a
+    CLIError naming what is wrong."""
     shape = tuple(int(v) for v in input_shape)[-3:]
     if len(shape) != 3 or min(shape) < 1:
         raise CLIError(f"input shape {tuple(input_shape)} is not (C, H, W) or (N, C, H, W) with positive sizes")
@@ -248,7 +251,7 @@ def energy_network(space: str, genotype: Any, input_shape: Sequence[int], num_cl
         return build_network(g, C, num_classes, L, False, in_channels, size).eval()
     if space == "nb201":
         from nb201 import space as nb201
-        return nb201.energy_network(genotype, in_channels, num_classes, channels, layers).eval()
+        return nb201.energy_network(genotype, in_channels, num_classes, channels, layers, reference).eval()
     raise CLIError(f"unknown search space {space!r}; valid: {', '.join(SPACE_NAMES)}")
 
 

@@ -31,23 +31,11 @@ SHAPE = (1, 3, 32, 32)
 OPS = [op for op in nb201.PRIMITIVES if op != "none"]
 
 
-class MeasuredCell(nb201.InferCell):
-    """The cell as NB201's own code (which HELP measured) runs it: every edge, ``none`` too (``x.mul(0)``: one
-    kernel), and every node sums all of its edges. The project's derived cell leaves ``none`` edges out."""
-
-    def forward(self, x):
-        return nb201._node_sums(x, lambda e, h: self.edges[e](h))
-
-
 def network(arch, measured: bool = True):
     """The project's NB201 network of ``arch`` (16 channels, 5 cells per stage, 10 classes) for 32x32 images;
-    ``measured``: its cells run as NB201's code runs them (:class:`MeasuredCell`)."""
-    net = spaces.energy_network("nb201", list(arch), SHAPE[1:], 10)
-    if measured:
-        for m in net.modules():
-            if type(m) is nb201.InferCell:
-                m.__class__ = MeasuredCell
-    return net
+    ``measured``: its cells run as NB201's code runs them, which HELP measured (``nb201.space.ReferenceCell``:
+    ``none`` edges run, every edge summed; ``energy.py fit --run_as reference``)."""
+    return spaces.energy_network("nb201", list(arch), SHAPE[1:], 10, reference=measured)
 
 
 def _trace(arch, measured: bool = False) -> dict[str, np.ndarray]:
@@ -59,7 +47,7 @@ def _sub(a: dict, b: dict) -> dict:
 
 
 def terms(path: str = TERMS) -> dict:
-    """Per variant ("derived": the project's cell, ``none`` left out; "measured": :class:`MeasuredCell`):
+    """Per variant ("derived": the project's cell, ``none`` left out; "measured": ``nb201.space.ReferenceCell``):
     {"skeleton": feats, "op": {op: feats}, "add": feats} (feats: family -> [MACs, bytes, calls]), cached."""
     if not os.path.exists(path):
         import torch

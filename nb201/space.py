@@ -204,6 +204,14 @@ class InferCell(nn.Module):
         return _node_sums(x, lambda e, h: None if self.arch[e] == "none" else self.edges[e](h))
 
 
+class ReferenceCell(InferCell):
+    """The cell as NAS-Bench-201's own code runs it (where its latencies were measured: HELP, the NAS-Bench-201 API):
+    every edge, `none` too (`x.mul(0)`: one kernel), and every node sums all of its edges."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _node_sums(x, lambda e, h: self.edges[e](h))
+
+
 class _Skeleton(LayoutMixin, nn.Module):
     """NB201's TinyNetwork around any cell: `cells` holds the 3N cells and the 2 residual blocks in order."""
 
@@ -228,10 +236,12 @@ class NB201Network(_Skeleton):
     """The network train.py builds from an NB201 arch. forward(x) -> (logits, None): no auxiliary head.
     `drop_path_prob` is accepted and ignored (NB201 trains without drop path)."""
 
-    def __init__(self, arch: ArchLike, C: int = 16, N: int = 5, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, arch: ArchLike, C: int = 16, N: int = 5, num_classes: int = 10, in_channels: int = 3,
+                 reference: bool = False) -> None:
         super().__init__()
         self.arch = as_arch(arch)
-        self._build(C, N, num_classes, in_channels, lambda width: InferCell(self.arch, width))
+        cell = ReferenceCell if reference else InferCell  # reference: as NB201's code runs it, for pricing only
+        self._build(C, N, num_classes, in_channels, lambda width: cell(self.arch, width))
         self.drop_path_prob = 0.0
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
@@ -242,11 +252,12 @@ class NB201Network(_Skeleton):
 
 
 def energy_network(arch: Any, in_channels: int, num_classes: int, channels: Optional[int] = None,
-                   layers: Optional[int] = None) -> nn.Module:
+                   layers: Optional[int] = None, reference: bool = False) -> nn.Module:
     """The evaluation network of an arch (string, 6 ops or genotype.json object): 16 channels and 5 cells per
-    stage unless given (spaces.energy_network's seam)."""
+    stage unless given (spaces.energy_network's seam); `reference`: its cells as NAS-Bench-201's code runs them
+    (`ReferenceCell`), to price measurements made with that code."""
     ops = from_dict(arch) if isinstance(arch, dict) else as_arch(arch)
-    return NB201Network(ops, channels or 16, layers or 5, num_classes, in_channels)
+    return NB201Network(ops, channels or 16, layers or 5, num_classes, in_channels, reference)
 
 
 # -------------------------------------------------------------------------------------------------- supernet

@@ -153,3 +153,31 @@ def test_cli_fit_with_prior(table, tmp_path):
     assert main(["fit", "--space", "nb201", "--table", str(path), "--column", "1080ti_1", "--unit", "ms",
                  "--watts", "10", "--out", str(tmp_path / "x.json"), "--no_progress", "--prior", "nope"]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_reference_networks_run_what_nb201s_code_runs(table, tmp_path):
+    """`--run_as reference` prices a network as NAS-Bench-201's code runs it (its `none` edges run, every edge is
+    summed): the traced features equal the measured variant's terms, and differ from the derived network's, which
+    leaves `none` edges out. The fitted model says how its networks were priced."""
+    import spaces
+    from energy import main
+    est, t, shape = EnergyEstimator.default(), R.terms(), (1, 3, 32, 32)
+    arch = ("none", "skip_connect", "nor_conv_3x3", "none", "avg_pool_3x3", "nor_conv_1x1")
+    traced = {ref: est.family_features(spaces.energy_network("nb201", list(arch), shape[1:], 10, reference=ref),
+                                       shape) for ref in (True, False)}
+    for ref, variant in ((True, "measured"), (False, "derived")):
+        want = R.features(arch, t[variant])
+        assert set(traced[ref]) == set(want)
+        for fam, v in want.items():
+            np.testing.assert_allclose(traced[ref][fam], v, rtol=1e-6)
+    calls = lambda f: sum(float(v[2]) for v in f.values())  # noqa: E731
+    assert calls(traced[True]) > calls(traced[False])
+    with open(DATA, newline="") as f:
+        rows = list(csv.reader(f))[:13]
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([[r[0], r[1]] for r in rows])
+    out = tmp_path / "em.json"
+    assert main(["fit", "--space", "nb201", "--table", str(path), "--column", rows[0][1], "--unit", "ms", "--watts",
+                 "10", "--out", str(out), "--no_progress", "--run_as", "reference"]) == 0
+    assert json.loads(out.read_text())["meta"]["run_as"] == "reference"
