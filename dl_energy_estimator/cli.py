@@ -269,7 +269,7 @@ def _need_networks(networks: Optional[NetworkBuilder], what: str, cmd: str) -> N
 def _network(networks: NetworkBuilder, space: str, arch: Any, shape: tuple[int, ...], args: argparse.Namespace):
     try:
         # `reference` only when asked: a builder of another project need not know it
-        extra = {"reference": True} if getattr(args, "run_as", "derived") == "reference" else {}
+        extra = {"reference": True} if args.run_as == "reference" else {}
         return networks(space, arch, shape, args.num_classes, args.channels, args.layers, **extra)
     except Exception as e:  # noqa: BLE001 - the builder's own error (bad genotype, bad shape): one line
         raise B.BundleError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

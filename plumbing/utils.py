@@ -116,13 +116,12 @@ def step_begin(args, device: torch.device) -> None:
 class HostCopy:
     """Device tensors read on the host without stalling the step that needs them: `start(tensors)` queues their
     copies into pinned host buffers (non-blocking, an event after them) and returns at once; `get()` waits for
-    that event only, long done when the host runs ahead of the GPU, and returns the copies as nested lists (None
-    before the first `start`). On the CPU `start` copies at once."""
+    that event only (long done when the GPU keeps up with the host, as in a host-bound step) and returns the copies
+    as nested lists (None before the first `start`). On the CPU `start` copies at once."""
 
     def __init__(self) -> None:
         self._host: Dict[str, torch.Tensor] = {}
         self._event = None
-        self._started = False
 
     def start(self, tensors: Dict[str, torch.Tensor]) -> None:
         cuda = False
@@ -135,10 +134,9 @@ class HostCopy:
         self._event = torch.cuda.Event() if cuda else None
         if self._event is not None:
             self._event.record()
-        self._started = True
 
     def get(self) -> Optional[Dict[str, list]]:
-        if not self._started:
+        if not self._host:
             return None
         if self._event is not None:
             self._event.synchronize()
