@@ -113,10 +113,12 @@ def _network_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_classes", type=_positive_int, default=10)
     p.add_argument("--channels", type=_positive_int, default=None, help="network width (default: the space's)")
     p.add_argument("--layers", type=_positive_int, default=None, help="network depth (default: the space's)")
-    p.add_argument("--run_as", choices=("derived", "reference"), default="derived",
+    p.add_argument("--run_as", choices=("auto", "derived", "reference"), default="auto",
                    help="how the networks ran where they were measured: derived (this project's networks; NB201's "
                         "`none` edges left out) or reference (the space's reference code: NAS-Bench-201's runs "
-                        "`none` edges and sums every edge, as HELP and the NAS-Bench-201 API measured)")
+                        "`none` edges and sums every edge, as HELP, HW-NAS-Bench and the NAS-Bench-201 API "
+                        "measured); auto: reference for fit --table of nb201 networks (published tables of arch "
+                        "strings were measured with that code), derived otherwise (a bundle runs this project's)")
 
 
 def _kfold_predictions(est0: EnergyEstimator, feats: list, y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -266,10 +268,17 @@ def _need_networks(networks: Optional[NetworkBuilder], what: str, cmd: str) -> N
     return networks
 
 
+def run_as(args: argparse.Namespace) -> str:
+    """--run_as resolved: ``auto`` is ``reference`` for fit --table of nb201 networks, ``derived`` otherwise."""
+    if args.run_as != "auto":
+        return args.run_as
+    return "reference" if getattr(args, "table", None) and args.space == "nb201" else "derived"
+
+
 def _network(networks: NetworkBuilder, space: str, arch: Any, shape: tuple[int, ...], args: argparse.Namespace):
     try:
         # `reference` only when asked: a builder of another project need not know it
-        extra = {"reference": True} if args.run_as == "reference" else {}
+        extra = {"reference": True} if run_as(args) == "reference" else {}
         return networks(space, arch, shape, args.num_classes, args.channels, args.layers, **extra)
     except Exception as e:  # noqa: BLE001 - the builder's own error (bad genotype, bad shape): one line
         raise B.BundleError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
@@ -351,7 +360,7 @@ def _table_features(args: argparse.Namespace, est: EnergyEstimator,
         feats.append(cache[key])
     meta = {"source": "external", "device": args.device_name or f"measured elsewhere ({os.path.basename(args.table)})",
             "driver": "unknown", "torch": "unknown", "table": os.path.basename(args.table), "column": args.column,
-            "unit": args.unit, "space": args.space, "run_as": args.run_as}
+            "unit": args.unit, "space": args.space, "run_as": run_as(args)}
     return feats, np.array([r.joules for r in rows]), meta
 
 

@@ -158,7 +158,8 @@ def test_cli_fit_with_prior(table, tmp_path):
 def test_reference_networks_run_what_nb201s_code_runs(table, tmp_path):
     """`--run_as reference` prices a network as NAS-Bench-201's code runs it (its `none` edges run, every edge is
     summed): the traced features equal the measured variant's terms, and differ from the derived network's, which
-    leaves `none` edges out. The fitted model says how its networks were priced."""
+    leaves `none` edges out. A table of arch strings is priced that way by default (`auto`); the fitted model
+    says how its networks were priced."""
     import spaces
     from energy import main
     est, t, shape = EnergyEstimator.default(), R.terms(), (1, 3, 32, 32)
@@ -177,7 +178,13 @@ def test_reference_networks_run_what_nb201s_code_runs(table, tmp_path):
     path = tmp_path / "t.csv"
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([[r[0], r[1]] for r in rows])
-    out = tmp_path / "em.json"
-    assert main(["fit", "--space", "nb201", "--table", str(path), "--column", rows[0][1], "--unit", "ms", "--watts",
-                 "10", "--out", str(out), "--no_progress", "--run_as", "reference"]) == 0
-    assert json.loads(out.read_text())["meta"]["run_as"] == "reference"
+    fitted = {}
+    for flag in ("reference", "derived", None):  # None: the default, auto -- a table of arch strings is reference
+        out = tmp_path / f"em_{flag}.json"
+        assert main(["fit", "--space", "nb201", "--table", str(path), "--column", rows[0][1], "--unit", "ms",
+                     "--watts", "10", "--out", str(out), "--no_progress"]
+                    + (["--run_as", flag] if flag else [])) == 0
+        fitted[flag] = json.loads(out.read_text())
+        assert fitted[flag]["meta"]["run_as"] == (flag or "reference")
+    assert fitted[None]["coefficients"] == fitted["reference"]["coefficients"]
+    assert fitted["derived"]["coefficients"] != fitted["reference"]["coefficients"]
