@@ -2,7 +2,7 @@
 on synthetic devices; fit on 60 (and 240) networks, rank the rest, 5 draws (issue 13).
 
     python bench/estimator_fit.py [--watts 15] [--cache bench/estimator_fit_cache.json] [--draws 5]
-    python bench/estimator_fit.py --real_only [--table ../shared/measurements/nb201_latency_ms.csv]
+    python bench/estimator_fit.py --real_only [--table ../shared/measurements/nb201_latency_ms.csv] [--noise 0.05]
 
 Real devices (issue 22): the 23 device configurations of the NAS-Bench-201 latency table, for n = 10, 20, 60
 measured networks (5 draws, Spearman on all the other networks): the default, the fit, the prior-bank fit (leave one
@@ -171,6 +171,14 @@ def real_table(results: dict, draws: int) -> str:
     return "\n".join(lines)
 
 
+def noisy(y: np.ndarray, sd: float, seed: int, column: int) -> np.ndarray:
+    """A noisier device: each network's value times exp(N(0, sd^2)), seeded per column (fitted and ranked alike,
+    as a device whose measurements scatter more, e.g. an energy counter instead of a timer)."""
+    if sd <= 0:
+        return y
+    return y * np.exp(np.random.default_rng([seed, 5, column]).normal(0.0, sd, len(y)))
+
+
 def main_real(args) -> int:
     archs, cols, Y = R.load_table(args.table)
     t = R.terms()["measured"]
@@ -179,7 +187,10 @@ def main_real(args) -> int:
     results = {}
     from tqdm import tqdm
     for j, dev in enumerate(tqdm(cols, desc="devices", unit="device")):
-        results[dev] = evaluate_real(feats, counts, flops, Y[:, j], dev, draws=args.draws, seed=args.seed)
+        y = noisy(Y[:, j], args.noise, args.seed, j)
+        results[dev] = evaluate_real(feats, counts, flops, y, dev, draws=args.draws, seed=args.seed)
+    if args.noise > 0:
+        print(f"\nmeasured values times exp(N(0, {args.noise:g}^2)), seeded per device", flush=True)
     print(real_table(results, args.draws), flush=True)
     return 0
 
@@ -197,6 +208,8 @@ def main() -> int:
     p.add_argument("--no_measure", action="store_true", help="synthetic devices only")
     p.add_argument("--table", default=R.TABLE, help="NB201 latency table (the real devices)")
     p.add_argument("--real_only", action="store_true", help="only the real devices of --table")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="with --real_only: multiply each measured value by exp(N(0, noise^2)) (a noisier device)")
     args = p.parse_args()
     if args.real_only:
         return main_real(args)
