@@ -277,7 +277,8 @@ def run_as(args: argparse.Namespace) -> str:
 
 def _network(networks: NetworkBuilder, space: str, arch: Any, shape: tuple[int, ...], args: argparse.Namespace):
     try:
-        # `reference` only when asked: a builder of another project need not know it
+        # `reference` only when it resolves so (asked, or auto for an nb201 table): another project's builder need
+        # not know the keyword
         extra = {"reference": True} if run_as(args) == "reference" else {}
         return networks(space, arch, shape, args.num_classes, args.channels, args.layers, **extra)
     except Exception as e:  # noqa: BLE001 - the builder's own error (bad genotype, bad shape): one line
