@@ -11,15 +11,17 @@ one; ``family_calls`` per family compute+memory and calls; ``full`` per family x
 a Gaussian prior ``v ~ N(1, tau^2)``; the measurements' relative errors are Gaussian with ``sigma``. For every
 structure (with and without a constant ``+c``: what every network pays whatever its layers -- input copy,
 synchronisation, a launch floor; reported in ``fit``, not part of the per-layer model) the marginal likelihood
-(*evidence*) of the measurements is computed on a grid of ``(sigma, tau)``; the structures are averaged with
-weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform), and each one's factors are the average over
-``tau`` (weighted by the evidence) of the non-negative ridge solutions at ``ridge = sigma^2 / tau^2``. One more
-structure, evidence only, has another centre: ``launches``, per-family factors on the prior's call energies
-alone (compute and memory priced at 0), scaled to the data -- the shape of counting kernels (a GPU at batch 1 is
-paid per launch; on NB201 networks it spans the op-count regression), which the prior-centred structures reach
-only through large, unlikely factors. The scaled prior (``global``) is kept whole when it is at least KEEP_PRIOR
-times as likely as every other structure around it and the launch-count model is not KEEP_PRIOR times as likely
-as it; otherwise it is left out of the average. So 10 clean measurements that the
+(*evidence*) of the measurements is computed on a grid of ``(sigma, tau)`` (the Gaussian's quadratic form taken
+at the non-negative solution the fit uses, so negative factors cannot explain the data); the structures are
+averaged with weights ``exp(log evidence)`` (integrated over ``tau``, log-uniform), and each one's factors are
+the average over ``tau`` (weighted by the evidence) of the non-negative ridge solutions at ``ridge = sigma^2 /
+tau^2``. One more structure, evidence only, has another centre: ``launches``, per-family factors on the prior's
+call energies alone (compute and memory priced at 0; a family that launches nothing keeps its memory term),
+scaled to the data -- the shape of counting kernels (a GPU at batch 1 is paid per launch; on NB201 networks it
+spans the op-count regression), which the prior-centred structures reach only through large, unlikely factors.
+The scaled prior (``global``) is kept whole when it is at least KEEP_PRIOR times as likely as every other
+structure around it and the launch-count model is not KEEP_PRIOR times as likely as it; otherwise it is left out
+of the average. So 10 clean measurements that the
 prior cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose scatter
 is noise (``tau`` near 0 explains them as well) leave the scaled prior. Deterministic (no randomness in the
 choice); the seeded cross-validation (``cross_validate``) is a report: every structure and ridge of a fixed path,
@@ -32,14 +34,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import lsq_linear, nnls
 from scipy.stats import rankdata
 
 from .defaults import FAMILIES, FEATURES
 
 COLUMNS = [(fam, k) for fam in FAMILIES for k in range(len(FEATURES))]
 STRUCTURES = ("global", "feature", "family", "calls", "family_calls", "full")
-LAUNCHES = "launches"  # evidence only: per-family factors on the calls alone (compute and memory priced at 0)
+LAUNCHES = "launches"  # evidence only: per-family factors on the calls alone (structure_mask)
 EVIDENCE_STRUCTURES = STRUCTURES + (LAUNCHES,)
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 TIE = 0.005       # cross-validated Spearman differences below this are noise at tens of samples
@@ -52,7 +54,8 @@ BOOTS = 200       # paired bootstrap resamples of the out-of-fold predictions
 TAUS = np.logspace(-1.5, 1.5, 19)  # prior sd of the factors (log-uniform grid, 0.03 to 30; the scaled prior is tau = 0):
                                    # a CPU at batch 1 pays ~10-50x the analytical per-call energy, and a grid that
                                    # stops at 3 puts the evidence of every finer structure at its edge
-SIGMAS = np.logspace(-3.5, 0.5, 41)  # sd of the relative errors
+SIGMAS = np.logspace(-6.0, 0.5, 66)  # sd of the relative errors, down to a cost model's rounding (an accelerator's
+                                     # simulator is exact; a floor at 3e-4 made an exact fit as likely as one 0.1 % off)
 OMEGA = 0.5       # prior sd of the constant per pass around the scaled prior's, in units of the median target
 KEEP_PRIOR = 3.0  # the scaled prior is kept whole when at least this many times as likely as every other structure
 MIN_WEIGHT = 1e-4  # evidence weights below this (of the largest) are left out of the average over tau
@@ -115,11 +118,22 @@ def groups(structure: str, active: Sequence[int]) -> list[list[int]]:
     return list(out.values())
 
 
-def structure_design(A: np.ndarray, structure: str) -> np.ndarray:
-    """The columns a structure prices: all of them, or (``launches``) the calls alone."""
+def structure_mask(A: np.ndarray, structure: str) -> np.ndarray:
+    """Which columns a structure prices (1.0) or zeroes (0.0): all of them, or (``launches``) each family's call
+    energy, and all of a family's columns where its calls cost nothing (``identity``: a tensor kept alive and
+    re-read, no launch; priced at 0 it would leave the family out, and a device that pays for it -- a copy on an
+    accelerator -- could only be reached through negative factors of the others, which the evidence's Gaussian
+    allows and the non-negative fit does not)."""
     if structure != LAUNCHES:
-        return A
-    return A * np.array([k == FEATURES.index("e_call") for _, k in COLUMNS], dtype=float)
+        return np.ones(len(COLUMNS))
+    call = FEATURES.index("e_call")
+    calls = {fam for (fam, k), v in zip(COLUMNS, np.abs(A).sum(0)) if k == call and v > 0}
+    return np.array([k == call or fam not in calls for fam, k in COLUMNS], dtype=float)
+
+
+def structure_design(A: np.ndarray, structure: str) -> np.ndarray:
+    """The columns a structure prices: all of them, or (``launches``) the calls (:func:`structure_mask`)."""
+    return A * structure_mask(A, structure)
 
 
 def check_values(y: np.ndarray) -> None:
@@ -149,16 +163,28 @@ def _nnls(Aw: np.ndarray, y: np.ndarray, grp: list[list[int]], base: np.ndarray,
     Z = np.stack([Aw[:, cols] @ base[cols] for cols in grp], 1)
     n, K = Z.shape
     ybar = float(np.median(y))
-    # the constant, in units of the median target, may take either sign: two non-negative columns
-    extra = np.stack([ybar / y, -ybar / y], 1) if intercept else np.zeros((n, 0))
     if K == 1 and not intercept:  # closed form (the scaled prior needs no solver)
         z = Z[:, 0]
         return np.array([(z.sum() + ridge * n) / ((z * z).sum() + ridge * n)]), 0.0
+    b = np.ones(n)
+    if intercept:
+        # the constant, in units of the median target, takes either sign: projected out of the data rows (its
+        # least-squares value for any v), not two opposite columns -- scipy's nnls (>= 1.12) can diverge to
+        # 1e300 on such an exactly dependent pair
+        e = ybar / y
+        proj = lambda X: X - np.outer(e, e @ X) / (e @ e) if X.ndim == 2 else X - e * (e @ X) / (e @ e)
+        Zp, bp = proj(Z), proj(b)
+    else:
+        Zp, bp = Z, b
     lam = math.sqrt(ridge * n)
-    M = np.vstack([np.hstack([Z, extra]), np.hstack([lam * np.eye(K), np.zeros((K, extra.shape[1]))])])
-    b = np.concatenate([np.ones(n), lam * np.ones(K)])
-    sol, _ = nnls(M, b, maxiter=50 * M.shape[1])
-    return sol[:K], float((sol[K] - sol[K + 1]) * ybar) if intercept else 0.0
+    M = np.vstack([Zp, lam * np.eye(K)])
+    rhs = np.concatenate([bp, lam * np.ones(K)])
+    v, _ = nnls(M, rhs, maxiter=50 * M.shape[1])
+    if not np.all(np.isfinite(v)):  # the active-set solver failed: the bounded-variable one
+        v = lsq_linear(M, rhs, bounds=(0.0, np.inf), method="bvls").x
+    if not intercept:
+        return v, 0.0
+    return v, float(e @ (b - Z @ v) / (e @ e) * ybar)
 
 
 def solve(A: np.ndarray, y: np.ndarray, cand: Candidate, _bases: dict | None = None
@@ -199,7 +225,27 @@ def solve(A: np.ndarray, y: np.ndarray, cand: Candidate, _bases: dict | None = N
 def _anchor(Aw: np.ndarray, y: np.ndarray, active: np.ndarray, intercept: bool) -> tuple[float, float]:
     """The scaled prior: scale ``s`` and (``intercept``) constant in units of the median target."""
     v, c = _nnls(Aw, y, [list(active)], np.ones(Aw.shape[1]), 0.0, intercept)
+    plain = _nnls(Aw, y, [list(active)], np.ones(Aw.shape[1]), 0.0, False)[0][0]
+    if intercept and v[0] < 1e-3 * plain:
+        # a device whose energies fall as the prior's rise: the best non-negative scale beside a constant is 0,
+        # and a centre at 0 would put every structure's factors at 1e300. Centre at the scale without a
+        # constant, the constant fitted beside it.
+        e = float(np.median(y)) / y
+        z = Aw[:, active].sum(1) * plain
+        return max(float(plain), 1e-300), float(e @ (1.0 - z) / (e @ e))
     return max(float(v[0]), 1e-300), c / float(np.median(y))
+
+
+def _constrained_quad(Aw: np.ndarray, y: np.ndarray, grp: list[list[int]], s: float, intercept: bool, c0: float,
+                      tau: float, sigma: float) -> tuple[float, float]:
+    """Misfit (sum of squared relative errors) and prior penalty of the non-negative ridge solution at
+    ``sigma^2 / tau^2`` around the scale ``s`` (the constant, if any, ~ N(c0, OMEGA^2) in median targets)."""
+    n = len(y)
+    v, c = _nnls(Aw, y, grp, np.full(Aw.shape[1], s), sigma * sigma / (tau * tau) / n, intercept)
+    ybar = float(np.median(y))
+    pred = sum(vi * Aw[:, cols].sum(1) * s for vi, cols in zip(v, grp)) + (c / y if intercept else 0.0)
+    pen = float((((v - 1.0) / tau) ** 2).sum()) + (((c / ybar - c0) / OMEGA) ** 2 if intercept else 0.0)
+    return float(((1.0 - pred) ** 2).sum()), pen
 
 
 def evidence(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool) -> dict:
@@ -235,6 +281,16 @@ def evidence(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool) -> d
         logdet = np.log(D).sum(1) + (n - len(S)) * np.log(s2)
         ll = -0.5 * (quad + logdet + n * math.log(2 * math.pi))
         k = int(np.argmax(ll))
+        if t > 0:
+            # The Gaussian lets factors go negative and the fit does not: a structure can "explain" data that no
+            # non-negative model of it does (10 exact measurements, one family's only column missing, and the
+            # evidence at sigma 1e-6 for a fit 3 % off). Score the fit that is used: the quadratic form is the
+            # minimum of misfit / sigma^2 + penalty, so its constrained minimum (the non-negative ridge solution)
+            # replaces it, sigma profiled with the factors held, once more at the new sigma.
+            for _ in range(2):
+                rss, pen = _constrained_quad(Aw, y, grp, s, intercept, c0, float(t), float(SIGMAS[k]))
+                ll = -0.5 * (rss / s2 + pen + logdet + n * math.log(2 * math.pi))
+                k = int(np.argmax(ll))
         log_ev[i], best_sigma[i] = ll[k], SIGMAS[k]
     top = float(log_ev.max())
     total = top + math.log(float(np.exp(log_ev - top).mean()))
@@ -250,7 +306,7 @@ def shrink_fit(A: np.ndarray, y: np.ndarray, structure: str, intercept: bool, ev
     ev = ev or evidence(A, y, structure, intercept)
     Aw = structure_design(A, structure) / y[:, None]
     active = np.flatnonzero(np.abs(Aw).sum(0) > 0)
-    base = structure_design(np.full((1, len(COLUMNS)), ev["scale"]), structure)[0]
+    base = ev["scale"] * structure_mask(A, structure)
     grp = [list(active)] if structure == "global" else groups(structure, active)
     w = np.exp(ev["log_ev"] - ev["log_ev"].max())
     w[w < MIN_WEIGHT] = 0.0
