@@ -21,8 +21,8 @@ scaled to the data -- the shape of counting kernels (a GPU at batch 1 is paid pe
 spans the op-count regression), which the prior-centred structures reach only through large, unlikely factors.
 The scaled prior itself (``global``, the default times one scale: ``tau = 0``) is scored and reported but never
 averaged in: a device is never exactly the default, and every structure around it already holds it as its ``tau ->
-0`` limit, so its evidence goes to them (in proportion to theirs; not to ``launches``) and where the data cannot
-tell, the average sits next to it. As a model of its own, kept whole whenever 3 times as likely as the next one,
+0`` limit: the average is over the other structures (conditioned on the device not being exactly the default),
+and where the data cannot tell, it sits next to the default. As a model of its own, kept whole whenever 3 times as likely as the next one,
 it froze the fit on draws where the evidence was a coin flip (on 15 draws of 20 networks, a phone kept the default
 on 5, while the structures around it ranked better on each of them). So 10 clean measurements that the prior
 cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose scatter is noise
@@ -38,7 +38,6 @@ from typing import Sequence
 
 import numpy as np
 from scipy.optimize import lsq_linear, nnls
-from scipy.special import logsumexp
 from scipy.stats import rankdata
 
 from .defaults import FAMILIES, FEATURES
@@ -435,17 +434,12 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
                          "tau_map": float(ev["taus"][k]), "sigma_map": float(ev["sigmas"][k])})
             evs.append(ev)
     le = np.array([r["log_evidence"] for r in rows])
-    # the scaled prior scored, not averaged (module docstring): the structures share the model by their evidence
-    # (Bayesian model averaging: two structures the data cannot tell apart share it instead of a coin flip choosing
-    # one), and the scaled prior's share goes to the structures around it (their tau -> 0 limit) in proportion to
-    # theirs, not to the launch-count model: a device that is the default plus noise must not hand it to another
-    # centre. In logs, so that no share underflows to 0 / 0.
+    # the scaled prior scored, not averaged (module docstring): the other structures share the model by their
+    # evidence, i.e. conditioned on the device not being exactly the default (Bayesian model averaging: two
+    # structures the data cannot tell apart share the model instead of a coin flip choosing one)
     prior = np.array([r["structure"] == "global" for r in rows])
-    centred = np.array([r["structure"] not in ("global", LAUNCHES) for r in rows])
-    total = logsumexp(le)
-    log_w = np.where(centred, le - logsumexp(le[centred]) + logsumexp(le[centred | prior]) - total, le - total)
-    w = np.where(prior, 0.0, np.exp(log_w))
-    w[w < MIN_WEIGHT * w.max()] = 0.0
+    w = np.where(prior, 0.0, np.exp(le - le[~prior].max()))
+    w[w < MIN_WEIGHT] = 0.0
     w /= w.sum()
     top = int(np.argmax(w))
     g = max(np.flatnonzero(prior), key=lambda i: le[i])
