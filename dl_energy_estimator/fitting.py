@@ -21,12 +21,12 @@ scaled to the data -- the shape of counting kernels (a GPU at batch 1 is paid pe
 spans the op-count regression), which the prior-centred structures reach only through large, unlikely factors.
 The scaled prior itself (``global``, the default times one scale: ``tau = 0``) is scored and reported but never
 averaged in: a device is never exactly the default, and every structure around it already holds it as its ``tau ->
-0`` limit: the average is over the other structures (conditioned on the device not being exactly the default),
-and where the data cannot tell, it sits next to the default. As a model of its own, kept whole whenever 3 times as likely as the next one,
-it froze the fit on draws where the evidence was a coin flip (on 15 draws of 20 networks, a phone kept the default
-on 5, while the structures around it ranked better on each of them). So 10 clean measurements that the prior
-cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose scatter is noise
-(``tau`` near 0 explains them as well) stay next to the scaled prior.
+0`` limit: the average is over the other structures (conditioned on the device not being exactly the default), and
+where the data cannot tell, it sits next to the default. As a model of its own, kept whole whenever 3 times as
+likely as the next one, it froze the fit on draws where the evidence was a coin flip (on 15 draws of 20 networks, a
+phone kept the default on 5, while the structures around it ranked better on each of them). So 10 clean measurements
+that the prior cannot explain (small ``sigma``, a large ``tau`` is likely) move the model, and 10 noisy ones whose
+scatter is noise (``tau`` near 0 explains them as well) stay next to the scaled prior.
 Deterministic (no randomness in the choice); the seeded cross-validation (``cross_validate``) is a report: every
 structure and ridge of a fixed path, and the chosen model, out of fold.
 """
