@@ -434,9 +434,7 @@ def fit_evidence(A: np.ndarray, y: np.ndarray, constant: bool = True) -> tuple[n
                          "tau_map": float(ev["taus"][k]), "sigma_map": float(ev["sigmas"][k])})
             evs.append(ev)
     le = np.array([r["log_evidence"] for r in rows])
-    # the scaled prior scored, not averaged (module docstring): the other structures share the model by their
-    # evidence, i.e. conditioned on the device not being exactly the default (Bayesian model averaging: two
-    # structures the data cannot tell apart share the model instead of a coin flip choosing one)
+    # conditioned on the device not being exactly the default (module docstring)
     prior = np.array([r["structure"] == "global" for r in rows])
     w = np.where(prior, 0.0, np.exp(le - le[~prior].max()))
     w[w < MIN_WEIGHT] = 0.0
