@@ -15,6 +15,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from conftest import distinct_sizes
 from dl_energy_estimator import EnergyEstimator, EnergyModelError, LayerFeatures, measure
 from dl_energy_estimator.defaults import FAMILIES
 
@@ -383,11 +384,7 @@ def test_calibrate_cli_small_grid_ranks_heldout_layers(tmp_path):
     assert "held-out" in r.stdout and "cv_med_rel_err" in r.stdout
     est = EnergyEstimator.load(tmp_path / "m.json")
     assert est.meta["source"] == "latency_x_watts" and est.meta["batch_size"] == 1
-    items = sorted(est.fit_stats["heldout"]["items"], key=lambda it: it["measured_mj"])
-    kept = [items[0]]  # distinct sizes: drop near-ties (within 25 % of the previous kept item)
-    for it in items[1:]:
-        if it["measured_mj"] > 1.25 * kept[-1]["measured_mj"]:
-            kept.append(it)
+    kept = distinct_sizes(est.fit_stats["heldout"]["items"], lambda it: it["measured_mj"])
     assert len(kept) >= 6
     rho = spearmanr([it["predicted_mj"] for it in kept], [it["measured_mj"] for it in kept]).statistic
     # 0.89-0.96 on an idle machine; the held-out truth is itself a timing (an avgpool of 36 to 64 mJ from run to

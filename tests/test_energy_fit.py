@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from conftest import distinct_sizes
 import fit_protocol as P
 import genotypes as G
 from dl_energy_estimator import EnergyEstimator
@@ -168,8 +169,11 @@ def test_round_trip_export_runner_fit(tmp_path):
     assert est.meta["source"] == "latency_x_watts" and est.fit_stats["n_samples"] == len(SIZES)
     from dl_energy_estimator.bundle import read_measurements
     feats, y, _ = read_measurements(str(device / "measurements.json"))
-    pred = [est.predict_features(f) for f in feats]
-    assert spearmanr(pred, y).statistic >= 0.8, (pred, list(y))
+    # ranked over the sizes timed as distinct: three of these networks cost within 10 % of each other, and their
+    # order flips with the machine's load (0.0515 / 0.0534 / 0.0550 J on one CI run)
+    kept = distinct_sizes([(est.predict_features(f), yi) for f, yi in zip(feats, y)], lambda p: p[1])
+    assert len(kept) >= 4, kept
+    assert spearmanr(*zip(*kept)).statistic >= 0.8, kept
 
 
 @pytest.mark.slow
