@@ -378,8 +378,10 @@ def test_calibrate_without_watts_exits_2(tmp_path):
 
 @pytest.mark.slow
 def test_calibrate_cli_small_grid_ranks_heldout_layers(tmp_path):
+    # 0.3 s windows (the default for latency is 0.1 s): one held-out pooling layer timed at 2x its usual cost on
+    # some runs of a shared 2-core machine; the bar stays, the timing behind it is steadier
     r = _cli(["calibrate", "--device", "cpu", "--watts", "65", "--grid", "small", "--out", "m.json",
-              "--no_progress"], tmp_path)
+              "--window_s", "0.3", "--no_progress"], tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "held-out" in r.stdout and "cv_med_rel_err" in r.stdout
     est = EnergyEstimator.load(tmp_path / "m.json")
